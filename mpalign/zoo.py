@@ -379,3 +379,41 @@ def save_tiny_zoo(out_dir: str | Path, seed: int = 0) -> dict[str, str]:
         "model.grounding_dino": str(out / "grounding_dino"),
         "model.sam": str(out / "sam"),
     }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Full CLIP (image and text towers): the evaluation's CLIP-I / CLIP-T space
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_clip_model(cfg: ModelConfig, name: str, dtype=None, device=None) -> EncoderWithProcessor:
+    """A full CLIP (``CLIPModel`` + ``CLIPProcessor``) by id or folder; the tiny preset builds one with the tiny CLIP
+    tokenizer's vocabulary and the tiny image encoder's vision tower sizes."""
+    _check_preset(cfg)
+    from transformers import CLIPModel, CLIPProcessor
+
+    if cfg.preset == "tiny":
+        from transformers import CLIPConfig, CLIPImageProcessor
+
+        from mpalign.tokenizers import tiny_clip_tokenizer, tiny_clip_vocab_size
+
+        tokenizer = tiny_clip_tokenizer()
+        bos, eos = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
+        vision = _tiny_clip_vision(cfg.seed).model.config
+        text = dict(vocab_size=tiny_clip_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos,
+                    pad_token_id=eos)
+        config = CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=vision.projection_dim)
+        with _seeded(cfg.seed + 50):
+            model = CLIPModel(config)
+        size = vision.image_size
+        processor = CLIPProcessor(
+            image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+            tokenizer=tokenizer,
+        )
+        enc = EncoderWithProcessor(model, processor)
+    else:
+        enc = EncoderWithProcessor(_pretrained(CLIPModel, name, "CLIP model"),
+                                   _pretrained(CLIPProcessor, name, "CLIP processor"))
+    _place(enc.model, cfg, dtype, device).requires_grad_(False)
+    return enc
