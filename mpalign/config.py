@@ -186,6 +186,8 @@ class EvalConfig:
     concurrency: int = 1
     clip_model: str = "openai/clip-vit-large-patch14"
     dino_model: str = "facebook/dinov2-base"
+    num_gpus: float = -1.0  # per stage actor; -1 = half a GPU each (generation and scoring share one) when Ray has GPUs
+    report_samples: int = 24  # samples shown in the report's image grid (every score still goes to the CSV/Parquet)
 
 
 @dataclass

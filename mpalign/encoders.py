@@ -71,9 +71,22 @@ def clip_hidden_states(image_encoder: EncoderWithProcessor, images: Sequence[Ima
 
 @torch.no_grad()
 def clip_image_embeds(image_encoder: EncoderWithProcessor, images: Sequence[Image.Image]) -> torch.Tensor:
-    """Projected CLIP image embeddings (N, P), the CLIP-I metric's space."""
-    device, dtype = _device_dtype(image_encoder.model)
-    return image_encoder.model(_pixels(image_encoder.processor, images, device, dtype)).image_embeds
+    """Projected CLIP image embeddings (N, P), the CLIP-I metric's space; ``image_encoder.model`` is a vision tower
+    with projection or a full ``CLIPModel`` (whose forward needs text too, hence ``get_image_features``)."""
+    model = image_encoder.model
+    device, dtype = _device_dtype(model)
+    pixels = _pixels(image_encoder.processor, images, device, dtype)
+    if hasattr(model, "get_image_features"):
+        return model.get_image_features(pixel_values=pixels).pooler_output
+    return model(pixels).image_embeds
+
+
+@torch.no_grad()
+def clip_text_embeds(clip: EncoderWithProcessor, texts: Sequence[str]) -> torch.Tensor:
+    """Projected CLIP text embeddings (N, P) of a full ``CLIPModel``: the CLIP-T metric's text side."""
+    device, _ = _device_dtype(clip.model)
+    tokens = clip.processor.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(device)
+    return clip.model.get_text_features(**tokens).pooler_output
 
 
 @torch.no_grad()
