@@ -1,0 +1,304 @@
+"""MS-Diffusion's multi-subject cross-attention as diffusers attention processors, plus the taps that feed the
+MultiPersona-Align losses.
+
+Every ``attn2`` layer of the UNet gets a :class:`MultiSubjectAttnProcessor`; its ``encoder_hidden_states`` are
+``[text (77); dummy tokens (D); subject 0 tokens (K); ...; subject S-1 tokens (K)]`` (the official layout), and the
+layout arrives through the UNet's ``cross_attention_kwargs``:
+
+- ``ms_boxes`` (B, S, 4) boxes x0, y0, x1, y1 in [0, 1]; batch 1 broadcasts. ``None``: no layout for anyone.
+- ``ms_subject_mask`` (B, S) bool, True for real subjects (default: all real).
+- ``ms_subject_scales`` (B, S) or (S,) float, per-subject image-branch weights (default 1).
+- ``ms_latent_hw`` (h, w) of the UNet's input latents, for non-square images (default: square grids).
+- ``ms_recorder`` an :class:`AlignmentRecorder` that collects the alignment taps (default: nothing recorded).
+
+Every ``attn1`` layer gets a :class:`SelfAttnTapProcessor` (diffusers' ``AttnProcessor2_0`` plus the tap).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+# The official release biases masked logits by -10000 rather than -inf: a row with every token masked (a cell outside
+# all boxes when there are no dummy tokens) then stays finite, and is zeroed afterwards anyway.
+MASK_BIAS = -10000.0
+BLOCK_KINDS = ("down", "mid", "up")
+
+
+def block_of(processor_name: str) -> str:
+    """``down_blocks.1.attentions.0....attn2.processor`` -> ``down_blocks.1``; ``mid_block....`` -> ``mid_block``."""
+    parts = processor_name.split(".")
+    return parts[0] if parts[0] == "mid_block" else ".".join(parts[:2])
+
+
+def block_kind(block: str) -> str:
+    return block.split("_", 1)[0]
+
+
+def latent_grid(num_cells: int, latent_hw: tuple[int, int] | None) -> tuple[int, int]:
+    """(rows, cols) of a layer's query grid: the input latent grid halved k times (rounding up, like the UNet)."""
+    if latent_hw is None:
+        side = math.isqrt(num_cells)
+        if side * side != num_cells:
+            raise ValueError(f"{num_cells} query cells are not a square grid; pass ms_latent_hw for non-square latents")
+        return side, side
+    h, w = (int(v) for v in latent_hw)
+    for _ in range(16):
+        if h * w == num_cells:
+            return h, w
+        h, w = -(-h // 2), -(-w // 2)
+    raise ValueError(f"{num_cells} query cells do not match latents of {tuple(latent_hw)} at any UNet resolution")
+
+
+def box_cell_masks(boxes: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(..., 4) boxes -> (..., rows * cols) bool: the official rule floor(x0 * cols) <= col < ceil(x1 * cols), and the
+    same for rows with y."""
+    boxes = boxes.float()
+    col = torch.arange(cols, device=boxes.device)
+    row = torch.arange(rows, device=boxes.device)
+    in_cols = (col >= torch.floor(boxes[..., 0:1] * cols)) & (col < torch.ceil(boxes[..., 2:3] * cols))
+    in_rows = (row >= torch.floor(boxes[..., 1:2] * rows)) & (row < torch.ceil(boxes[..., 3:4] * rows))
+    return (in_rows[..., :, None] & in_cols[..., None, :]).flatten(-2)
+
+
+@dataclass
+class LayoutMasks:
+    """Who may attend to what in one layer, for a batch of B elements, S subjects and N query cells.
+
+    An element is in *no-layout* mode when it has real subjects and all their boxes are all-zero: then every cell
+    sees every real subject and the dummy tokens, and nothing is zeroed. Otherwise a real subject with a box is seen
+    only from its box's cells, the dummy tokens only from cells outside every box, and the image branch's output is
+    zero outside every box; padded subjects (and real ones with an all-zero box) are seen from nowhere."""
+
+    regions: torch.Tensor  # (B, S, N) bool: cells of each subject's box (all cells for a subject without layout)
+    token_visible: torch.Tensor  # (B, N, D + S * K) bool
+    keep: torch.Tensor  # (B, N) bool: cells where the image branch contributes
+
+
+def layout_masks(boxes: torch.Tensor | None, subject_mask: torch.Tensor, rows: int, cols: int, num_dummy: int,
+                 num_tokens: int) -> LayoutMasks:
+    batch, num_subjects = subject_mask.shape
+    num_cells = rows * cols
+    if boxes is None:
+        boxes = torch.zeros(batch, num_subjects, 4, device=subject_mask.device)
+    located = subject_mask & (boxes.abs().sum(-1) > 0)  # (B, S)
+    no_layout = subject_mask.any(-1) & ~located.any(-1)  # (B,)
+    cells = box_cell_masks(boxes, rows, cols) & located[..., None]  # (B, S, N)
+    covered = cells.any(1)  # (B, N)
+    everywhere = no_layout[:, None, None] & subject_mask[..., None]
+    regions = cells | everywhere.expand(-1, -1, num_cells)
+    dummy_visible = (no_layout[:, None] | ~covered)[..., None].expand(-1, -1, num_dummy)
+    subject_visible = regions.transpose(1, 2).repeat_interleave(num_tokens, dim=-1)  # (B, N, S * K)
+    keep = no_layout[:, None] | covered
+    return LayoutMasks(regions, torch.cat((dummy_visible, subject_visible), dim=-1), keep)
+
+
+def additive_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, N, T) bool -> (B, 1, N, T) additive logits bias, broadcast over heads."""
+    return torch.where(visible, 0.0, MASK_BIAS).to(dtype)[:, None]
+
+
+@dataclass
+class AlignmentRecorder:
+    """Collects, during one UNet forward, what the alignment losses need from the tapped blocks.
+
+    Pass it as ``cross_attention_kwargs["ms_recorder"]``. ``blocks`` are kinds (``down``/``mid``/``up``);
+    ``features`` records pooled outputs (cheap: no attention probabilities); ``attention_maps`` makes the tapped
+    layers take the explicit path and record per-subject attention maps (only the attention-map losses need it).
+    Call :meth:`close` after the forward: gradient checkpointing re-runs the processors during backward and those
+    re-runs must compute the same things but not record them again."""
+
+    blocks: Sequence[str] = ("down", "mid")
+    features: bool = True
+    attention_maps: bool = False
+    cross: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (block, (B, S, C)) pooled over each box
+    self_attn: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (block, (B, C)) pooled over all cells
+    maps: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # ((B, S, N) maps, (B, S, N) regions)
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.blocks) - set(BLOCK_KINDS)
+        if unknown:
+            raise ValueError(f"unknown alignment blocks {sorted(unknown)}; choose from {list(BLOCK_KINDS)}")
+
+    def taps(self, block: str) -> bool:
+        return block_kind(block) in self.blocks
+
+    def record_cross(self, block: str, pooled: torch.Tensor) -> None:
+        if not self.closed:
+            self.cross.append((block, pooled))
+
+    def record_self(self, block: str, pooled: torch.Tensor) -> None:
+        if not self.closed:
+            self.self_attn.append((block, pooled))
+
+    def record_maps(self, maps: torch.Tensor, regions: torch.Tensor) -> None:
+        if not self.closed:
+            self.maps.append((maps, regions))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _broadcast_batch(value: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    if value.shape[0] == batch:
+        return value
+    if value.shape[0] == 1:
+        return value.expand(batch, *value.shape[1:])
+    raise ValueError(f"{name} has batch {value.shape[0]}, the UNet batch is {batch}")
+
+
+def pool_regions(values: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) features, (B, S, N) bool regions -> (B, S, C) mean over each region (0 for an empty region)."""
+    weights = regions.to(values.dtype)
+    return torch.einsum("bsn,bnc->bsc", weights, values) / weights.sum(-1, keepdim=True).clamp(min=1.0)
+
+
+class MultiSubjectAttnProcessor(nn.Module):
+    """Text attention + ``scale`` x box-masked image attention, then the layer's ``to_out``.
+
+    ``to_k_ip``/``to_v_ip`` map the image tokens (dummy + subjects) to this layer's keys/values. The default path is
+    one ``F.scaled_dot_product_attention`` with an additive mask; per-subject scales multiply the values, which
+    equals multiplying the attention probabilities of that subject's tokens. The explicit path (``explicit=True``,
+    or a recorder that asks for attention maps) materialises the probabilities and gives the same output."""
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int, num_dummy_tokens: int,
+                 max_subjects: int, scale: float = 1.0, block: str = ""):
+        super().__init__()
+        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.num_tokens = num_tokens
+        self.num_dummy_tokens = num_dummy_tokens
+        self.max_subjects = max_subjects
+        self.scale = scale
+        self.block = block
+        self.explicit = False
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.num_dummy_tokens + self.max_subjects * self.num_tokens
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        ms_boxes: torch.Tensor | None = None,
+        ms_subject_mask: torch.Tensor | None = None,
+        ms_subject_scales: torch.Tensor | Sequence[float] | None = None,
+        ms_latent_hw: tuple[int, int] | None = None,
+        ms_recorder: AlignmentRecorder | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is None or encoder_hidden_states.shape[1] <= self.num_image_tokens:
+            raise ValueError(f"the multi-subject processor of {self.block or 'this layer'} needs encoder_hidden_states "
+                             f"= [text; {self.num_image_tokens} image tokens]")
+        residual = hidden_states
+        batch, num_cells, _ = hidden_states.shape
+        num_text = encoder_hidden_states.shape[1] - self.num_image_tokens
+        text_states, image_states = encoder_hidden_states[:, :num_text], encoder_hidden_states[:, num_text:]
+
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            text_states = attn.norm_encoder_hidden_states(text_states)
+        heads = attn.heads
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+        def merge_heads(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(1, 2).reshape(batch, -1, t.shape[1] * t.shape[-1]).to(query.dtype)
+
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch)
+            attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])[..., :num_text]
+        q = split_heads(query)
+        text_out = F.scaled_dot_product_attention(q, split_heads(attn.to_k(text_states)),
+                                                  split_heads(attn.to_v(text_states)), attn_mask=attention_mask,
+                                                  scale=attn.scale)
+
+        image_states = image_states.to(self.to_k_ip.weight.dtype)
+        k_ip = split_heads(self.to_k_ip(image_states).to(query.dtype))
+        v_ip = split_heads(self.to_v_ip(image_states).to(query.dtype))
+        if ms_subject_mask is None:
+            ms_subject_mask = torch.ones(batch, self.max_subjects, dtype=torch.bool, device=query.device)
+        subject_mask = _broadcast_batch(ms_subject_mask.to(query.device, torch.bool), batch, "ms_subject_mask")
+        boxes = None if ms_boxes is None else _broadcast_batch(ms_boxes.to(query.device), batch, "ms_boxes")
+        rows, cols = latent_grid(num_cells, ms_latent_hw)
+        masks = layout_masks(boxes, subject_mask, rows, cols, self.num_dummy_tokens, self.num_tokens)
+        if ms_subject_scales is not None:
+            v_ip = v_ip * self._token_scales(ms_subject_scales, batch, v_ip)
+        bias = additive_bias(masks.token_visible, q.dtype)
+
+        recorder = ms_recorder
+        tapped = recorder is not None and recorder.taps(self.block)
+        if self.explicit or (tapped and recorder.attention_maps):
+            logits = (q @ k_ip.transpose(-1, -2)) * attn.scale
+            probs = torch.softmax((logits + bias).float(), dim=-1).to(q.dtype)
+            image_out = probs @ v_ip
+            if tapped and recorder.attention_maps:
+                recorder.record_maps(self._layout_free_subject_maps(logits, subject_mask), masks.regions)
+        else:
+            image_out = F.scaled_dot_product_attention(q, k_ip, v_ip, attn_mask=bias, scale=attn.scale)
+        image_out = merge_heads(image_out) * masks.keep[..., None].to(query.dtype)
+        if tapped and recorder.features:
+            recorder.record_cross(self.block, pool_regions(image_out, masks.regions))
+
+        hidden_states = merge_heads(text_out) + self.scale * image_out
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _token_scales(self, subject_scales: torch.Tensor | Sequence[float], batch: int, like: torch.Tensor) -> torch.Tensor:
+        """(B, S) or (S,) per-subject scales -> (B, 1, T, 1) per-token factors (dummy tokens keep 1)."""
+        scales = torch.as_tensor(subject_scales, dtype=like.dtype, device=like.device)
+        scales = _broadcast_batch(scales.reshape(-1, self.max_subjects), batch, "ms_subject_scales")
+        dummy = torch.ones(batch, self.num_dummy_tokens, dtype=like.dtype, device=like.device)
+        tokens = torch.cat((dummy, scales.repeat_interleave(self.num_tokens, dim=-1)), dim=-1)
+        return tokens[:, None, :, None]
+
+    def _layout_free_subject_maps(self, logits: torch.Tensor, subject_mask: torch.Tensor) -> torch.Tensor:
+        """Attention mass on each subject's tokens per cell, head-averaged, from a softmax that masks only padded
+        subjects: (B, S, N). The box mask makes the masked maps zero outside each box by construction, so losses on
+        where attention goes (the attention-map extras) need the layout-free ones."""
+        dummy = torch.ones(subject_mask.shape[0], self.num_dummy_tokens, dtype=torch.bool, device=logits.device)
+        visible = torch.cat((dummy, subject_mask.repeat_interleave(self.num_tokens, dim=-1)), dim=-1)
+        probs = torch.softmax((logits + additive_bias(visible[:, None, :], logits.dtype)).float(), dim=-1)
+        per_subject = probs[..., self.num_dummy_tokens:].unflatten(-1, (self.max_subjects, self.num_tokens)).sum(-1)
+        return per_subject.mean(1).transpose(1, 2)  # (B, H, N, S) -> (B, S, N)
+
+
+class SelfAttnTapProcessor(AttnProcessor2_0):
+    """diffusers' SDPA self-attention, unchanged, plus the L_self tap: the layer's output (after ``to_out``) averaged
+    over all query cells. Accepts (and ignores) the multi-subject keywords so the UNet can pass one kwargs dict to
+    every layer without warnings."""
+
+    def __init__(self, block: str = ""):
+        super().__init__()
+        self.block = block
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        ms_boxes: torch.Tensor | None = None,
+        ms_subject_mask: torch.Tensor | None = None,
+        ms_subject_scales: torch.Tensor | Sequence[float] | None = None,
+        ms_latent_hw: tuple[int, int] | None = None,
+        ms_recorder: AlignmentRecorder | None = None,
+    ) -> torch.Tensor:
+        out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if ms_recorder is not None and ms_recorder.features and ms_recorder.taps(self.block):
+            ms_recorder.record_self(self.block, out.mean(dim=1))
+        return out

@@ -1,0 +1,331 @@
+"""One training step's math: frozen SDXL + encoders, the trainable adapter and projectors, and the loss
+
+    L = L_diffusion + alpha(step) * (L_cross + lambda_self * L_self) [+ w_attn * L_attn + w_dis * L_disentangle]
+
+over a batch in the ``mpalign.batch`` contract (cached encoder outputs used when present, raw inputs encoded here
+otherwise). No Ray, no optimizer: the trainer owns those.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from PIL import Image
+from torch import nn
+
+from mpalign import encoders, zoo
+from mpalign.config import Config
+from mpalign.models.adapter import MSAdapter
+from mpalign.models.alignment import (
+    AlignmentProjectors,
+    alpha_at,
+    attention_map_loss,
+    cross_alignment_loss,
+    disentanglement_loss,
+    self_alignment_loss,
+)
+from mpalign.models.attention import AlignmentRecorder
+
+logger = logging.getLogger(__name__)
+
+PROJECTORS_SUBFOLDER = "projectors"
+# Offsets from model.seed for the trainable parts' initial weights, apart from the zoo's offsets (0-40).
+ADAPTER_SEED_OFFSET = 100
+PROJECTOR_SEED_OFFSET = 101
+
+
+def seeded_init(seed: int, build):
+    """Build modules under a forked, seeded RNG: every worker and every rerun starts from the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def tensor_to_pil(images: torch.Tensor, low: float = 0.0) -> list[Image.Image]:
+    """(N, 3, H, W) in [low, 1] -> RGB images (what the encoders' processors take)."""
+    unit = ((images.float() - low) / (1.0 - low)).clamp(0, 1)
+    arrays = (unit.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arrays]
+
+
+def trainable_fp32(module: nn.Module) -> nn.Module:
+    """Trainable weights live in float32 whatever the frozen models' dtype (autocast handles mixed precision)."""
+    return module.float() if any(p.dtype != torch.float32 for p in module.parameters()) else module
+
+
+def load_adapter_parts(adapter_dir: str | Path) -> tuple[MSAdapter, AlignmentProjectors | None]:
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "config.json").is_file():
+        raise FileNotFoundError(f"'{adapter_dir}' holds no adapter (no config.json); write one with save_adapter or "
+                                "python -m mpalign.convert_msdiffusion")
+    adapter = MSAdapter.from_pretrained(adapter_dir)
+    projector_dir = adapter_dir / PROJECTORS_SUBFOLDER
+    projectors = AlignmentProjectors.from_pretrained(projector_dir) if (projector_dir / "config.json").is_file() else None
+    return adapter, projectors
+
+
+class MPAlignTrainingModule(nn.Module):
+    """Holds the frozen models (UNet, VAE, text encoders, CLIP image encoder, DINOv2) and the trainable ones
+    (``adapter``, ``projectors``); :meth:`forward` returns the loss terms of one step."""
+
+    def __init__(self, cfg: Config, sdxl: zoo.SDXLComponents, image_encoder: zoo.EncoderWithProcessor,
+                 dinov2: zoo.EncoderWithProcessor, adapter: MSAdapter, projectors: AlignmentProjectors):
+        super().__init__()
+        self.cfg = cfg
+        self.sdxl = sdxl
+        self.image_encoder = image_encoder
+        self.dinov2 = dinov2
+        self.unet = sdxl.unet
+        self.frozen = nn.ModuleList([sdxl.unet, sdxl.vae, sdxl.text_encoder, sdxl.text_encoder_2, image_encoder.model,
+                                     dinov2.model])
+        # Freeze before attaching: the processors become UNet submodules and must stay trainable.
+        self.frozen.requires_grad_(False)
+        adapter.check_compatible(sdxl.unet, image_encoder.model.config.hidden_size, sdxl.text_encoder.config.hidden_size)
+        adapter.attach(sdxl.unet, scale=1.0)
+        self.adapter = adapter
+        self.projectors = projectors
+        self.noise_scheduler = DDPMScheduler.from_config(sdxl.scheduler.config)
+        self.frozen.eval()
+        empty_embeds, empty_pooled = encoders.encode_prompts(sdxl, [""])
+        self.register_buffer("empty_prompt_embeds", empty_embeds, persistent=False)
+        self.register_buffer("empty_pooled_prompt_embeds", empty_pooled, persistent=False)
+        self.register_buffer("null_clip_hidden", self._null_clip_hidden(), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: Config, device: str | torch.device | None = None,
+                    adapter_dir: str | Path | None = None) -> MPAlignTrainingModule:
+        """Load the zoo parts of ``cfg.model`` and an adapter from ``adapter_dir`` (a ``save_adapter`` folder or a
+        converted official checkpoint), or a freshly initialised one; projectors too when the folder has none."""
+        device = zoo.resolve_device(str(device or cfg.model.device))
+        sdxl = zoo.load_sdxl(cfg.model, device=device)
+        image_encoder = zoo.load_image_encoder(cfg.model, device=device)
+        dinov2 = zoo.load_dinov2(cfg.model, device=device)
+        projectors = None
+        if adapter_dir:
+            adapter, projectors = load_adapter_parts(adapter_dir)
+        else:
+            adapter = seeded_init(cfg.model.seed + ADAPTER_SEED_OFFSET, lambda: MSAdapter.for_unet(
+                sdxl.unet, cfg.model, image_encoder.model.config.hidden_size, sdxl.text_encoder.config.hidden_size))
+        if projectors is None:
+            projectors = seeded_init(cfg.model.seed + PROJECTOR_SEED_OFFSET, lambda: AlignmentProjectors.for_unet(
+                sdxl.unet, cfg.model.align_blocks, dinov2.model.config.hidden_size, cfg.model.projector_hidden_dim,
+                cfg.model.projector_dropout))
+        return cls(cfg, sdxl, image_encoder, dinov2, trainable_fp32(adapter).to(device),
+                   trainable_fp32(projectors).to(device))
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Parameters, persistence
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (*self.adapter.parameters(), *self.projectors.parameters()) if p.requires_grad]
+
+    def train(self, mode: bool = True) -> MPAlignTrainingModule:
+        super().train(mode)
+        self.frozen.eval()  # frozen models never switch to training behaviour
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+
+    def save_adapter(self, out_dir: str | Path) -> Path:
+        """Adapter at ``out_dir`` (what generation loads), projectors in ``out_dir/projectors`` (training only)."""
+        out_dir = Path(out_dir)
+        self.adapter.save_pretrained(out_dir)
+        self.projectors.save_pretrained(out_dir / PROJECTORS_SUBFOLDER)
+        return out_dir
+
+    def load_adapter(self, adapter_dir: str | Path) -> None:
+        """Load weights saved by :meth:`save_adapter` (or a converted checkpoint: then the projectors stay)."""
+        adapter, projectors = load_adapter_parts(adapter_dir)
+        if dict(adapter.config) != dict(self.adapter.config):
+            raise ValueError(f"the adapter in '{adapter_dir}' has another configuration than this model's")
+        self.adapter.load_state_dict(adapter.state_dict())
+        if projectors is not None:
+            self.projectors.load_state_dict(projectors.state_dict())
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Conditions
+    # ---------------------------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.dummy_tokens.device
+
+    @torch.no_grad()
+    def _null_clip_hidden(self) -> torch.Tensor:
+        """CLIP features of an all-zero (normalised) image: what a dropped reference looks like, as in MS-Diffusion."""
+        model = self.image_encoder.model
+        size = model.config.image_size
+        pixels = torch.zeros(1, 3, size, size, device=model.device, dtype=model.dtype)
+        return model(pixels, output_hidden_states=True).hidden_states[-2]
+
+    def _per_subject(self, values: torch.Tensor, subject_mask: torch.Tensor, encode) -> torch.Tensor:
+        """Run ``encode`` on the real subjects of (B, S, ...) ``values`` only; padded ones get zeros."""
+        real = encode(values[subject_mask])
+        out = torch.zeros(*subject_mask.shape, *real.shape[1:], dtype=real.dtype, device=real.device)
+        out[subject_mask.to(real.device)] = real
+        return out
+
+    @torch.no_grad()
+    def prepare_conditions(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every model input of the batch on the model's device: cached keys as they are, raw keys encoded."""
+        device = self.device
+        subject_mask = batch["subject_mask"].to(torch.bool)
+        sdxl = self.sdxl
+        cond: dict[str, torch.Tensor] = {"subject_mask": subject_mask, "boxes": batch["boxes"],
+                                         "time_ids": batch["time_ids"]}
+        cond["latents"] = batch["latents"] if "latents" in batch else encoders.vae_latents(sdxl, batch["pixel_values"])
+        if "prompt_embeds" in batch:
+            cond["prompt_embeds"], cond["pooled_prompt_embeds"] = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+        else:
+            cond["prompt_embeds"], cond["pooled_prompt_embeds"] = encoders.encode_prompt_ids(
+                sdxl, batch["input_ids"], batch["input_ids_2"])
+        if "phrase_embeds" in batch:
+            cond["phrase_embeds"] = batch["phrase_embeds"]
+        else:
+            text_encoder = sdxl.text_encoder
+            cond["phrase_embeds"] = self._per_subject(batch["phrase_input_ids"], subject_mask,
+                                                      lambda ids: text_encoder(ids.to(text_encoder.device)).pooler_output)
+        references = None
+        if "clip_hidden" in batch:
+            cond["clip_hidden"] = batch["clip_hidden"]
+        else:
+            references = batch["reference_pixels"]
+            cond["clip_hidden"] = self._per_subject(references, subject_mask, lambda px: encoders.clip_hidden_states(
+                self.image_encoder, tensor_to_pil(px)))
+        for key in ("dino_cls", "dino_ref_patch_pooled"):
+            if key in batch:
+                cond[key] = batch[key]
+        if "dino_cls" not in cond or "dino_ref_patch_pooled" not in cond:
+            references = batch["reference_pixels"] if references is None else references
+            cls_tokens = self._per_subject(references, subject_mask, lambda px: encoders.dinov2_features(
+                self.dinov2, tensor_to_pil(px))[0])
+            ref_pooled = self._per_subject(references, subject_mask, lambda px: encoders.dinov2_features(
+                self.dinov2, tensor_to_pil(px))[1].mean(1))
+            cond.setdefault("dino_cls", cls_tokens)
+            cond.setdefault("dino_ref_patch_pooled", ref_pooled)
+        if "dino_patch_pooled" in batch:
+            cond["dino_patch_pooled"] = batch["dino_patch_pooled"]
+        else:
+            cond["dino_patch_pooled"] = encoders.dinov2_features(
+                self.dinov2, tensor_to_pil(batch["pixel_values"], low=-1.0))[1].mean(1)
+        return {k: v.to(device) for k, v in cond.items()}
+
+    def _apply_drops(self, cond: dict[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
+        """Classifier-free-guidance drops (text / image / both, per element) and grounding-token drops (per
+        subject), in place on ``cond``; returns (B,) bool: the elements whose reference images were dropped."""
+        train = self.cfg.train
+        batch, num_subjects = cond["subject_mask"].shape
+        draw = torch.rand(batch, generator=generator).to(self.device)
+        text_end = train.drop_text_prob
+        image_end = text_end + train.drop_image_prob
+        both_end = image_end + train.drop_both_prob
+        drop_text = (draw < text_end) | ((draw >= image_end) & (draw < both_end))
+        drop_image = (draw >= text_end) & (draw < both_end)
+        embeds, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
+        cond["prompt_embeds"] = torch.where(drop_text[:, None, None], self.empty_prompt_embeds.to(embeds), embeds)
+        cond["pooled_prompt_embeds"] = torch.where(drop_text[:, None], self.empty_pooled_prompt_embeds.to(pooled), pooled)
+        clip = cond["clip_hidden"]
+        cond["clip_hidden"] = torch.where(drop_image[:, None, None, None], self.null_clip_hidden.to(clip), clip)
+        drop_grounding = torch.rand(batch, num_subjects, generator=generator).to(self.device)
+        cond["drop_grounding"] = drop_grounding < self.cfg.model.grounding_drop_prob
+        return drop_image
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # The step
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Loss terms of one step. ``generator`` (a CPU generator) fixes noise, timesteps and drops."""
+        cond = self.prepare_conditions(batch)
+        train_cfg = self.cfg.train
+        latents = cond["latents"]
+        batch_size = latents.shape[0]
+        image_dropped = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
+        if self.training:
+            image_dropped = self._apply_drops(cond, generator)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(self.device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,),
+                                  generator=generator).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+
+        alpha = alpha_at(step, train_cfg)
+        want_features = alpha > 0 or not self.training
+        want_maps = train_cfg.attn_loss_weight > 0 or train_cfg.disentangle_weight > 0
+        recorder = None
+        if want_features or want_maps:
+            recorder = AlignmentRecorder(blocks=tuple(self.cfg.model.align_blocks), features=want_features,
+                                         attention_maps=want_maps)
+
+        subject_mask = cond["subject_mask"]
+        tokens = self.adapter.image_tokens(cond["clip_hidden"], cond["phrase_embeds"], cond["boxes"], subject_mask,
+                                           cond.get("drop_grounding"))
+        prompt_embeds = cond["prompt_embeds"]
+        unet_dtype = self.unet.dtype
+        prediction = self.unet(
+            noisy.to(unet_dtype), timesteps,
+            encoder_hidden_states=torch.cat((prompt_embeds, tokens.to(prompt_embeds.dtype)), dim=1).to(unet_dtype),
+            added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"].to(unet_dtype),
+                               "time_ids": cond["time_ids"].to(unet_dtype)},
+            cross_attention_kwargs={"ms_boxes": cond["boxes"], "ms_subject_mask": subject_mask,
+                                    "ms_recorder": recorder},
+        ).sample
+        if recorder is not None:
+            recorder.close()
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        out = {"diffusion": F.mse_loss(prediction.float(), target.float())}
+
+        zero = out["diffusion"].new_zeros(())
+        out.update(cross=zero, self=zero, cos_cross=zero, cos_self=zero)
+        if want_features:
+            # A subject whose reference was dropped cannot be asked to look like it.
+            subject_weight = subject_mask & ~image_dropped[:, None]
+            out["cross"], out["cos_cross"] = cross_alignment_loss(recorder.cross, self.projectors, cond["dino_cls"],
+                                                                  subject_weight)
+            out["self"], out["cos_self"] = self_alignment_loss(recorder.self_attn, self.projectors,
+                                                               self._self_target(cond))
+        out["align"] = out["cross"] + train_cfg.lambda_self * out["self"]
+        out["alpha"] = out["diffusion"].new_tensor(alpha)
+        loss = out["diffusion"] + alpha * out["align"]
+        if train_cfg.attn_loss_weight > 0:
+            located = subject_mask & (cond["boxes"].abs().sum(-1) > 0)
+            out["attn"] = attention_map_loss(recorder.maps, located)
+            loss = loss + train_cfg.attn_loss_weight * out["attn"]
+        if train_cfg.disentangle_weight > 0:
+            out["disentangle"] = disentanglement_loss(recorder.maps, subject_mask)
+            loss = loss + train_cfg.disentangle_weight * out["disentangle"]
+        out["loss"] = loss
+        out["cos_cross"], out["cos_self"] = out["cos_cross"].detach(), out["cos_self"].detach()
+        return out
+
+    def _self_target(self, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        choice = self.cfg.model.align_self_target
+        if choice == "target":
+            return cond["dino_patch_pooled"]
+        if choice == "reference":
+            # pooled over all reference crops' patches: the mean of the per-crop means (equal patch counts)
+            weight = cond["subject_mask"].to(cond["dino_ref_patch_pooled"].dtype)[..., None]
+            return (cond["dino_ref_patch_pooled"] * weight).sum(1) / weight.sum(1).clamp(min=1.0)
+        raise ValueError(f"model.align_self_target must be 'target' or 'reference', got '{choice}'")
+
+    @torch.no_grad()
+    def validation_losses(self, batch: dict[str, torch.Tensor], step: int, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """Deterministic loss terms (eval mode: no drops; alignment terms always measured): noise and timesteps come
+        from a generator seeded with ``seed`` (default ``train.seed``), so two calls on one batch agree."""
+        was_training = self.training
+        self.eval()
+        try:
+            generator = torch.Generator().manual_seed(self.cfg.train.seed if seed is None else seed)
+            return {k: v.detach() for k, v in self.forward(batch, step, generator=generator).items()}
+        finally:
+            self.train(was_training)
