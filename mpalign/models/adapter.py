@@ -15,6 +15,12 @@ from mpalign.models.attention import MultiSubjectAttnProcessor, SelfAttnTapProce
 from mpalign.models.resampler import GroundingResampler
 
 
+def place(module: nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """Move/cast with ``nn.Module.to``: diffusers' ``ModelMixin.to`` warns about float32 modules on every dtype cast
+    (0.42, even for models that have none)."""
+    return nn.Module.to(module, device=device, dtype=dtype)
+
+
 def unet_attention_layers(unet) -> list[tuple[str, nn.Module]]:
     """(processor name, Attention module) for every attention layer, in ``unet.attn_processors`` order (the order
     the official checkpoint's ``ms_adapter`` list follows)."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from mpalign import encoders, zoo
 from mpalign.config import Config
-from mpalign.models.adapter import MSAdapter
+from mpalign.models.adapter import MSAdapter, place
 from mpalign.models.alignment import (
     AlignmentProjectors,
     alpha_at,
@@ -51,11 +51,6 @@ def tensor_to_pil(images: torch.Tensor, low: float = 0.0) -> list[Image.Image]:
     unit = ((images.float() - low) / (1.0 - low)).clamp(0, 1)
     arrays = (unit.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arrays]
-
-
-def trainable_fp32(module: nn.Module) -> nn.Module:
-    """Trainable weights live in float32 whatever the frozen models' dtype (autocast handles mixed precision)."""
-    return module.float() if any(p.dtype != torch.float32 for p in module.parameters()) else module
 
 
 def load_adapter_parts(adapter_dir: str | Path) -> tuple[MSAdapter, AlignmentProjectors | None]:
@@ -115,8 +110,9 @@ class MPAlignTrainingModule(nn.Module):
             projectors = seeded_init(cfg.model.seed + PROJECTOR_SEED_OFFSET, lambda: AlignmentProjectors.for_unet(
                 sdxl.unet, cfg.model.align_blocks, dinov2.model.config.hidden_size, cfg.model.projector_hidden_dim,
                 cfg.model.projector_dropout))
-        return cls(cfg, sdxl, image_encoder, dinov2, trainable_fp32(adapter).to(device),
-                   trainable_fp32(projectors).to(device))
+        # Trainable weights stay float32 whatever the frozen models' dtype (autocast does mixed precision).
+        return cls(cfg, sdxl, image_encoder, dinov2, place(adapter, device, torch.float32),
+                   place(projectors, device, torch.float32))
 
     # ---------------------------------------------------------------------------------------------------------------
     # Parameters, persistence
