@@ -69,6 +69,9 @@ class DataConfig:
     min_box_area: float = 0.005  # fraction of the image
     max_box_area: float = 0.95
     max_box_aspect_ratio: float = 8.0
+    # frame pairs: a target subject whose best Hungarian match in the reference frame has a DINOv2 CLS cosine below
+    # this uses its own crop instead (MS-Diffusion appendix A: unmatched subjects fall back to the target)
+    match_min_similarity: float = 0.5
     crop_size: int = 64  # side of a stored reference crop
     cache_dinov2: bool = True
     cache_dinov2_patch_grid: bool = False

@@ -181,6 +181,45 @@ def load_sdxl(cfg: ModelConfig, dtype: str | torch.dtype | None = None, device: 
     return parts
 
 
+def load_sdxl_tokenizers(cfg: ModelConfig) -> tuple[Any, Any]:
+    """Only SDXL's two tokenizers: data collation needs token ids, not the 2.6B-parameter UNet."""
+    _check_preset(cfg)
+    if cfg.preset == "tiny":
+        from mpalign.tokenizers import tiny_clip_tokenizer
+
+        return tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    from transformers import CLIPTokenizer
+
+    return (_pretrained(CLIPTokenizer, cfg.sdxl, "SDXL tokenizer", subfolder="tokenizer"),
+            _pretrained(CLIPTokenizer, cfg.sdxl, "SDXL tokenizer 2", subfolder="tokenizer_2"))
+
+
+def load_sdxl_encoders(cfg: ModelConfig, dtype: str | torch.dtype | None = None,
+                       device: str | None = None) -> SDXLComponents:
+    """SDXL's VAE, text encoders and tokenizers without the UNet (``unet`` and ``scheduler`` are None): what the
+    dataset builder needs to cache latents and text conditioning, at a fraction of the memory."""
+    _check_preset(cfg)
+    if cfg.preset == "tiny":
+        parts = _tiny_sdxl(cfg.seed)
+    else:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        name = cfg.sdxl
+        tokenizer, tokenizer_2 = load_sdxl_tokenizers(cfg)
+        parts = SDXLComponents(
+            unet=None,
+            vae=_pretrained(AutoencoderKL, name, "SDXL VAE", subfolder="vae"),
+            text_encoder=_pretrained(CLIPTextModel, name, "SDXL text encoder", subfolder="text_encoder"),
+            text_encoder_2=_pretrained(CLIPTextModelWithProjection, name, "SDXL text encoder 2", subfolder="text_encoder_2"),
+            tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=None,
+        )
+    parts.unet, parts.scheduler = None, None
+    for module in (parts.vae, parts.text_encoder, parts.text_encoder_2):
+        _place(module, cfg, dtype, device).requires_grad_(False)
+    return parts
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Image encoders
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,217 @@
+"""The dataset builder: input records → Ray Data stages → Parquet shards of samples and rejects, resumably.
+
+Layout of the output folder::
+
+    samples/shard-00000.parquet ...   training rows (``ray.data.read_parquet(<out>/samples)``)
+    rejects/shard-00000.parquet ...   one row per dropped record, with its reason
+    stats.json                        counts and throughput per stage
+    config.yaml                       the resolved config
+    manifest.json                     what the shards were built from (resuming checks it)
+
+Records are split into shards up front (a clip's frames stay in one shard). The stages stream rows through Ray Data
+actor pools; the driver collects the rows of each shard and, once all have arrived, assembles frame pairs and writes
+the shard's two files atomically. A rerun skips every shard whose samples file exists, so a killed build resumes
+where it stopped and produces the same rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mpalign.config import Config, ConfigError, StageConfig
+from mpalign.data.assemble import assemble_shard
+from mpalign.data.records import assign_shards, fingerprint, read_records
+from mpalign.data.schema import (CONFIG_FILE, MANIFEST_FILE, REJECT_SCHEMA, REJECTS_DIR, SAMPLES_DIR, STATS_FILE,
+                                 sample_schema)
+from mpalign.data.stages import STAGE_NAMES, STAGES
+
+MANIFEST_VERSION = 1
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def write_shard(out: Path, index: int, samples: list[dict[str, Any]], rejects: list[dict[str, Any]],
+                cfg: Config) -> None:
+    """Rejects first, samples last: the samples file existing is what marks a shard finished."""
+    _write_atomic(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), out / REJECTS_DIR / shard_name(index))
+    _write_atomic(pa.Table.from_pylist(samples, schema=sample_schema(cfg.data)), out / SAMPLES_DIR / shard_name(index))
+
+
+def stage_settings(cfg: Config, cluster: dict[str, float]) -> dict[str, StageConfig]:
+    """Each stage's Ray settings from ``data.stages`` (defaults for the missing ones), with CPU/GPU shares scaled
+    down when the pools together ask for more than the cluster has: every stage must be able to run at once, or the
+    stream stalls (five 1-CPU actors never fit on two cores)."""
+    settings = {name: StageConfig(**vars(cfg.data.stages.get(name, StageConfig()))) for name in STAGE_NAMES}
+    unknown = sorted(set(cfg.data.stages) - set(STAGE_NAMES))
+    if unknown:
+        raise ConfigError(f"unknown dataset stage(s) {', '.join(unknown)} in data.stages; stages: {', '.join(STAGE_NAMES)}")
+    for resource, field in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        wanted = sum(getattr(s, field) * s.concurrency for s in settings.values())
+        have = cluster.get(resource, 0.0)
+        if wanted > 0 and resource == "GPU" and have == 0:
+            raise ConfigError("data.stages ask for GPUs but the Ray cluster has none: set data.stages.<stage>.num_gpus=0")
+        if wanted > have > 0:
+            scale = have / wanted
+            print(f"[build] stages ask for {wanted:g} {resource}s, the cluster has {have:g}: each stage gets "
+                  f"{scale:.2f}x its {field}", flush=True)
+            for s in settings.values():
+                setattr(s, field, getattr(s, field) * scale)
+    return settings
+
+
+def _pipeline(cfg: Config, records: list[dict[str, Any]], settings: dict[str, StageConfig]):
+    import ray
+
+    first = settings[STAGE_NAMES[0]].batch_size
+    ds = ray.data.from_items(records, override_num_blocks=max(1, min(len(records), math.ceil(len(records) / first))))
+    for name in STAGE_NAMES:
+        s = settings[name]
+        ds = ds.map_batches(STAGES[name], fn_constructor_args=(cfg,), batch_format="pyarrow",
+                            batch_size=s.batch_size, compute=ray.data.ActorPoolStrategy(size=s.concurrency),
+                            num_cpus=s.num_cpus, num_gpus=s.num_gpus)
+    return ds
+
+
+def _check_manifest(out: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+    path = out / MANIFEST_FILE
+    if overwrite and out.exists():
+        for sub in (SAMPLES_DIR, REJECTS_DIR):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        for name in (STATS_FILE, MANIFEST_FILE, CONFIG_FILE):
+            (out / name).unlink(missing_ok=True)
+    elif path.exists():
+        old = json.loads(path.read_text())
+        if old.get("fingerprint") != manifest["fingerprint"]:
+            raise ConfigError(f"output '{out}' holds a dataset built from another input or config; pass --overwrite "
+                              f"to rebuild it or choose another --output")
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"output '{out}' exists and is not a dataset built by this tool; pass --overwrite or choose "
+                          f"another --output")
+    for sub in (SAMPLES_DIR, REJECTS_DIR):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=1))
+
+
+def _dataset_counts(out: Path) -> dict[str, Any]:
+    """Counts over every finished shard (this run's and earlier runs'), read from the files themselves."""
+    samples = pq.read_table(out / SAMPLES_DIR, columns=["split", "num_subjects"]) if any(
+        (out / SAMPLES_DIR).glob("*.parquet")) else pa.table({"split": [], "num_subjects": []})
+    rejects = pq.read_table(out / REJECTS_DIR, columns=["reason", "stage"]) if any(
+        (out / REJECTS_DIR).glob("*.parquet")) else pa.table({"reason": [], "stage": []})
+    return {
+        "samples": samples.num_rows,
+        "rejects": rejects.num_rows,
+        "splits": dict(sorted(Counter(samples["split"].to_pylist()).items())),
+        "subjects_per_sample": dict(sorted(Counter(samples["num_subjects"].to_pylist()).items())),
+        "reject_reasons": dict(sorted(Counter(rejects["reason"].to_pylist()).items())),
+    }
+
+
+def _stage_stats(rows_seen: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows each stage saw (live ones), rejected, and its busy time / throughput per actor-second."""
+    order = {name: i for i, name in enumerate(STAGE_NAMES)}
+    stats = {}
+    for i, name in enumerate(STAGE_NAMES):
+        entered = [r for r in rows_seen if r["reject_stage"] != "read" and order.get(r["reject_stage"], 99) >= i]
+        busy = sum(r[f"t_{name}"] or 0.0 for r in rows_seen)
+        stats[name] = {"rows_in": len(entered), "rejected": sum(r["reject_stage"] == name for r in rows_seen),
+                       "busy_s": round(busy, 4), "rows_per_busy_s": round(len(entered) / busy, 3) if busy else None}
+    return stats
+
+
+def build_dataset(cfg: Config, input: str | None = None, output: str | None = None, overwrite: bool = False,
+                  max_shards: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build (or finish building) the dataset; returns the stats also written to ``<output>/stats.json``.
+
+    ``input``: JSONL / Parquet / image folder (default ``cfg.data.input``, else the embedded sample); ``output``:
+    default ``cfg.data.path``. ``max_shards`` builds at most that many unfinished shards and stops (incremental
+    builds; the resume test). Starts a local Ray when none is running."""
+    import ray
+
+    from mpalign.sample_data import ensure_sample_dataset
+
+    log = log or (lambda msg: print(msg, flush=True))
+    if not cfg.data.cache_dinov2:
+        raise ConfigError("data.cache_dinov2 must stay true: DINOv2 features are the alignment targets and always cached")
+    input_path = Path(input or cfg.data.input or ensure_sample_dataset(cfg.data.sample)).resolve()
+    out = Path(output or cfg.data.path).resolve()
+    records = read_records(input_path)
+    if not records:
+        raise ConfigError(f"input '{input_path}' holds no records")
+    shards = assign_shards(records, cfg.data.rows_per_shard)
+    settings_key = {"data": {k: v for k, v in vars(cfg.data).items() if k not in ("path", "input", "stages", "sample")},
+                    "model": vars(cfg.model), "version": MANIFEST_VERSION}
+    manifest = {"input": str(input_path), "records": len(records), "shards": len(shards),
+                "fingerprint": fingerprint(records, settings_key)}
+    _check_manifest(out, manifest, overwrite)
+    dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, input=str(input_path), path=str(out))).save(
+        out / CONFIG_FILE)
+
+    todo = [i for i in range(len(shards)) if not (out / SAMPLES_DIR / shard_name(i)).exists()]
+    skipped = len(shards) - len(todo)
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    log(f"[build] {len(records)} records in {len(shards)} shards from {input_path}: {skipped} already built, "
+        f"building {len(todo)} → {out}")
+    start = time.perf_counter()
+    rows_seen: list[dict[str, Any]] = []
+    pair_counts: Counter[str] = Counter()
+    if todo:
+        work = [{**r, "shard": i} for i in todo for r in shards[i]]
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+        settings = stage_settings(cfg, ray.cluster_resources())
+        pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        expected = {i: len(shards[i]) for i in todo}
+        written = 0
+        ds = _pipeline(cfg, work, settings)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.to_pylist():
+                pending[row["shard"]].append(row)
+                rows_seen.append({k: row[k] for k in ("reject_stage", *(f"t_{n}" for n in STAGE_NAMES))})
+                if len(pending[row["shard"]]) == expected[row["shard"]]:
+                    samples, rejects, counts = assemble_shard(pending.pop(row["shard"]), cfg.data)
+                    write_shard(out, row["shard"], samples, rejects, cfg)
+                    pair_counts.update(counts)
+                    written += 1
+                    rate = len(rows_seen) / (time.perf_counter() - start)
+                    log(f"[build] shard {row['shard']} written ({written}/{len(todo)}): {len(samples)} samples, "
+                        f"{len(rejects)} rejects, {rate:.2f} records/s")
+        if pending:  # cannot happen unless a stage lost rows; never leave a silently short shard
+            raise RuntimeError(f"shards {sorted(pending)} did not receive all their rows")
+        (out / "ray_data_stats.txt").write_text(ds.stats())
+    wall = time.perf_counter() - start
+    stats = {
+        "input": str(input_path),
+        "records": len(records),
+        "shards": {"total": len(shards), "built_now": len(todo), "skipped": skipped,
+                   "finished": sum((out / SAMPLES_DIR / shard_name(i)).exists() for i in range(len(shards)))},
+        **_dataset_counts(out),
+        "frame_pairs": dict(pair_counts),
+        "this_run": {"records": len(rows_seen), "wall_s": round(wall, 3),
+                     "records_per_s": round(len(rows_seen) / wall, 3) if rows_seen and wall else None,
+                     "stages": _stage_stats(rows_seen)},
+    }
+    (out / STATS_FILE).write_text(json.dumps(stats, indent=1))
+    log(f"[build] done: {stats['samples']} samples, {stats['rejects']} rejects "
+        f"({', '.join(f'{k} {v}' for k, v in stats['reject_reasons'].items()) or 'none'}) → {out}")
+    return stats

@@ -1,0 +1,238 @@
+"""The dataset builder's stages: small classes Ray Data runs with ``map_batches`` (``__init__`` loads the model once
+per actor, ``__call__`` maps one batch), usable without Ray too (the benchmark times them alone).
+
+A batch is a ``pyarrow.Table`` of work rows (``WORK_SCHEMA``): one row per input record, carried through every stage.
+A row that a stage rejects keeps flowing with ``reject_reason`` set and later stages pass it through untouched, so
+every record reaches the writer exactly once. A batch that raises is retried record by record, so one bad record
+costs only itself (``stage_error``), never its batch or the job.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from mpalign.config import Config
+from mpalign.data.detection import detect_boxes
+from mpalign.data.images import RejectRecord, decode_image
+from mpalign.data.phrases import NounLexicon, extract_phrases, token_positions
+from mpalign.data.schema import BOX, decode_png, encode_png, pack_array, unpack_array
+from mpalign.data.segmentation import background_filled_crop, segment_boxes
+
+STAGE_NAMES = ("decode", "phrases", "detect", "segment", "encode")
+
+_ARRAY = pa.binary()
+WORK_SCHEMA = pa.schema([
+    ("id", pa.string()), ("image_path", pa.string()), ("image_bytes", pa.binary()), ("caption", pa.string()),
+    ("video_id", pa.string()), ("frame_idx", pa.int32()), ("shard", pa.int32()),
+    ("reject_reason", pa.string()), ("reject_detail", pa.string()), ("reject_stage", pa.string()),
+    ("image_rgb", _ARRAY), ("image", pa.binary()), ("original_size", pa.list_(pa.int32(), 2)),
+    ("crop_top_left", pa.list_(pa.int32(), 2)),
+    ("phrases", pa.list_(pa.string())), ("phrase_char_spans", pa.list_(pa.list_(pa.int32(), 2))),
+    ("phrase_token_positions", pa.list_(pa.list_(pa.int32()))),
+    ("boxes", pa.list_(BOX)), ("box_scores", pa.list_(pa.float32())),
+    ("masks", pa.list_(pa.binary())), ("crops", pa.list_(pa.binary())),
+    ("dino_cls", _ARRAY), ("dino_ref_patch_pooled", _ARRAY), ("dino_patch_pooled", _ARRAY),
+    ("dino_patch_grid", _ARRAY), ("clip_hidden", _ARRAY), ("latents", _ARRAY), ("prompt_embeds", _ARRAY),
+    ("pooled_prompt_embeds", _ARRAY), ("phrase_embeds", _ARRAY),
+    *[(f"t_{name}", pa.float64()) for name in STAGE_NAMES],
+])
+
+
+def reject(row: dict[str, Any], reason: str, detail: str, stage: str) -> None:
+    row.update(reject_reason=reason, reject_detail=detail, reject_stage=stage)
+
+
+def _keep(row: dict[str, Any], keep: list[int], *columns: str) -> None:
+    for column in columns:
+        row[column] = [row[column][i] for i in keep]
+
+
+class Stage:
+    """Runs ``process`` on the batch's live rows, isolates failures, and stamps the time it took."""
+
+    name = ""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def process(self, rows: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def _process_one(self, row: dict[str, Any]) -> None:
+        try:
+            self.process([row])
+        except RejectRecord as exc:
+            reject(row, exc.reason, exc.detail, self.name)
+        except Exception as exc:  # a bug or a model error on this record alone: reject it, keep the job alive
+            reject(row, "stage_error", f"{type(exc).__name__}: {exc}"[:500], self.name)
+
+    def run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        live = [r for r in rows if r["reject_reason"] is None]
+        if live:
+            try:
+                self.process(live)
+            except Exception:
+                for row in live:
+                    if row["reject_reason"] is None:
+                        self._process_one(row)
+        elapsed = time.perf_counter() - start
+        for row in rows:
+            row[f"t_{self.name}"] = elapsed / len(rows)
+        return rows
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist(self.run(batch.to_pylist()), schema=WORK_SCHEMA)
+
+
+class DecodeStage(Stage):
+    """Validate the caption and the image (format, size, aspect), decode, resize to the training square."""
+
+    name = "decode"
+
+    def process(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            try:
+                if not (row["caption"] or "").strip():
+                    raise RejectRecord("empty_caption", "the caption is empty")
+                pixels, original, crop = decode_image(row["image_path"], row["image_bytes"], self.cfg.data)
+            except RejectRecord as exc:
+                reject(row, exc.reason, exc.detail, self.name)
+                continue
+            row.update(image_rgb=pack_array(pixels), image=encode_png(pixels), original_size=list(original),
+                       crop_top_left=list(crop), image_bytes=None)
+
+
+class PhraseStage(Stage):
+    """Subject phrases with spaCy, and their token positions in the SDXL prompt."""
+
+    name = "phrases"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        from mpalign.zoo import load_sdxl_tokenizers, load_spacy
+
+        self.nlp = load_spacy(cfg.model)
+        self.is_noun = NounLexicon(self.nlp)
+        self.tokenizer, _ = load_sdxl_tokenizers(cfg.model)
+
+    def process(self, rows: list[dict[str, Any]]) -> None:
+        for row, phrases in zip(rows, extract_phrases(self.nlp, [r["caption"] for r in rows], self.is_noun)):
+            if not phrases:
+                reject(row, "no_subject_phrase", "no visual noun phrase in the caption", self.name)
+            elif len(phrases) > self.cfg.data.max_subjects:
+                reject(row, "too_many_subjects", f"{len(phrases)} subjects ({', '.join(p.text for p in phrases)}),"
+                       f" at most {self.cfg.data.max_subjects}", self.name)
+            else:
+                spans = [(p.start, p.end) for p in phrases]
+                row.update(phrases=[p.text for p in phrases], phrase_char_spans=[list(s) for s in spans],
+                           phrase_token_positions=token_positions(self.tokenizer, row["caption"], spans))
+
+
+def _pixels(row: dict[str, Any]) -> np.ndarray:
+    return unpack_array(row["image_rgb"])
+
+
+class DetectStage(Stage):
+    """One Grounding DINO box per phrase; phrases without an acceptable box are dropped."""
+
+    name = "detect"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        from mpalign.zoo import load_grounding_dino
+
+        self.detector = load_grounding_dino(cfg.model)
+
+    def process(self, rows: list[dict[str, Any]]) -> None:
+        detections = detect_boxes(self.detector, [_pixels(r) for r in rows], [r["phrases"] for r in rows],
+                                  self.cfg.data)
+        for row, found in zip(rows, detections):
+            keep = [i for i, d in enumerate(found) if d is not None]
+            if not keep:
+                reject(row, "no_detection", f"no acceptable box for {', '.join(row['phrases'])}", self.name)
+                continue
+            _keep(row, keep, "phrases", "phrase_char_spans", "phrase_token_positions")
+            row["boxes"] = [list(found[i].box) for i in keep]
+            row["box_scores"] = [found[i].score for i in keep]
+
+
+class SegmentStage(Stage):
+    """SAM masks prompted by the boxes, and the background-filled reference crop of every subject."""
+
+    name = "segment"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        from mpalign.zoo import load_sam
+
+        self.sam = load_sam(cfg.model)
+
+    def process(self, rows: list[dict[str, Any]]) -> None:
+        images = [_pixels(r) for r in rows]
+        all_masks = segment_boxes(self.sam, images, [r["boxes"] for r in rows])
+        for row, image, masks in zip(rows, images, all_masks):
+            row["masks"] = [encode_png(m) for m in masks]
+            row["crops"] = [encode_png(background_filled_crop(image, m, b, self.cfg.data.crop_size))
+                            for m, b in zip(masks, row["boxes"])]
+
+
+def _split(array: np.ndarray, counts: list[int]) -> list[np.ndarray]:
+    return np.split(array, np.cumsum(counts)[:-1]) if counts else []
+
+
+class EncodeStage(Stage):
+    """Frozen-encoder caches: DINOv2 (always: the alignment targets), CLIP hidden states, VAE latents and text
+    conditioning (each when its ``data.cache_*`` switch is on)."""
+
+    name = "encode"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        from mpalign.zoo import load_dinov2, load_image_encoder, load_sdxl_encoders
+
+        data = cfg.data
+        self.dinov2 = load_dinov2(cfg.model)
+        self.clip = load_image_encoder(cfg.model) if data.cache_clip else None
+        self.sdxl = load_sdxl_encoders(cfg.model) if data.cache_vae or data.cache_text else None
+
+    def process(self, rows: list[dict[str, Any]]) -> None:
+        from mpalign.encoders import (clip_hidden_states, dinov2_features, encode_phrases, encode_prompts,
+                                      images_to_tensor, vae_latents)
+
+        data = self.cfg.data
+        counts = [len(r["crops"]) for r in rows]
+        crops = [Image.fromarray(decode_png(c)) for r in rows for c in r["crops"]]
+        targets = [Image.fromarray(_pixels(r)) for r in rows]
+        cls, patches = (t.float().cpu().numpy() for t in dinov2_features(self.dinov2, crops + targets))
+        n = len(crops)
+        out: dict[str, list[np.ndarray]] = {
+            "dino_cls": _split(cls[:n], counts),
+            "dino_ref_patch_pooled": _split(patches[:n].mean(axis=1), counts),
+            "dino_patch_pooled": list(patches[n:].mean(axis=1)),
+        }
+        if data.cache_dinov2_patch_grid:
+            out["dino_patch_grid"] = list(patches[n:].astype(np.float16))
+        if self.clip is not None:
+            hidden = clip_hidden_states(self.clip, crops).float().cpu().numpy().astype(np.float16)
+            out["clip_hidden"] = _split(hidden, counts)
+        if data.cache_vae:
+            latents = vae_latents(self.sdxl, images_to_tensor(targets, data.image_size))
+            out["latents"] = list(latents.float().cpu().numpy().astype(np.float16))
+        if data.cache_text:
+            prompt, pooled = encode_prompts(self.sdxl, [r["caption"] for r in rows])
+            out["prompt_embeds"] = list(prompt.float().cpu().numpy().astype(np.float16))
+            out["pooled_prompt_embeds"] = list(pooled.float().cpu().numpy())
+            phrases = encode_phrases(self.sdxl, [p for r in rows for p in r["phrases"]]).float().cpu().numpy()
+            out["phrase_embeds"] = _split(phrases, counts)
+        for i, row in enumerate(rows):
+            for key, values in out.items():
+                row[key] = pack_array(values[i])
+
+
+STAGES = {cls.name: cls for cls in (DecodeStage, PhraseStage, DetectStage, SegmentStage, EncodeStage)}
