@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mpalign.cli import UserInputError, run_cli
 from mpalign.config import Config, add_config_args, config_from_args
+from mpalign.eval.benchmarks import BenchmarkSample, expand_runs, load_benchmark
 
 log = logging.getLogger("mpalign.evaluate")
 
@@ -61,8 +62,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
 def adapter_columns(folders: Sequence[str]) -> dict[str, str | None]:
     """Report column name -> adapter folder: the folder's name, made unique with its parent's when two clash."""
     for folder in folders:
-        if not Path(folder).is_dir():
-            raise UserInputError(f"--adapter '{folder}' is not a folder")
+        if not (Path(folder) / "config.json").is_file():
+            raise UserInputError(f"--adapter '{folder}' holds no adapter (no config.json): give a folder written by "
+                                 f"training (save_adapter) or python -m mpalign.convert_msdiffusion")
     if not folders:
         return {FRESH_ADAPTER: None}
     names = [Path(f).resolve().name for f in folders]
@@ -76,15 +78,25 @@ def adapter_columns(folders: Sequence[str]) -> dict[str, str | None]:
     return columns
 
 
+def check_subject_counts(samples: Sequence[BenchmarkSample], adapters: dict[str, str | None], cfg: Config) -> None:
+    """Every sample must fit every adapter's ``max_subjects``: fail before any model loads, not inside an actor."""
+    from mpalign.models.adapter import MSAdapter
+
+    most = max(len(s.subjects) for s in samples)
+    for name, folder in adapters.items():
+        limit = MSAdapter.load_config(folder)["max_subjects"] if folder else cfg.model.max_subjects
+        if most > limit:
+            raise UserInputError(f"adapter '{name}' takes at most {limit} subjects, the benchmark has samples with {most}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
-    from mpalign.eval.benchmarks import expand_runs, load_benchmark
-
     adapters = adapter_columns(args.adapter)
     samples = load_benchmark(cfg.eval)
     if not samples:
         raise UserInputError(f"benchmark '{cfg.eval.benchmark}' has no samples to evaluate")
+    check_subject_counts(samples, adapters, cfg)
     if not args.adapter:
         print(f"no --adapter given: evaluating a freshly initialised (untrained) adapter of the "
               f"'{cfg.model.preset}' preset as '{FRESH_ADAPTER}'")
@@ -97,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import ray
 
+    from mpalign.eval.metrics import METRIC_NAMES
     from mpalign.eval.report import metric_table, write_report
     from mpalign.eval.stages import run_evaluation
 
@@ -104,18 +117,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     scores = run_evaluation(requests, cfg, adapters, out / "images")
+    def scorer(name: str) -> str:
+        return name if cfg.model.preset == "pretrained" else f"tiny random model of the '{cfg.model.preset}' preset"
+
     settings = {
         "benchmark": cfg.eval.benchmark, "prompts": len(samples), "seeds": cfg.eval.seeds,
         "images per prompt": cfg.eval.images_per_prompt, "model preset": cfg.model.preset,
         "steps": cfg.eval.num_inference_steps, "guidance scale": cfg.eval.guidance_scale,
-        "size": f"{cfg.eval.width}x{cfg.eval.height}", "CLIP": cfg.eval.clip_model, "DINO": cfg.eval.dino_model,
+        "size": f"{cfg.eval.width}x{cfg.eval.height}", "CLIP": scorer(cfg.eval.clip_model), "DINO": scorer(cfg.eval.dino_model),
         "wall time": f"{time.monotonic() - started:.1f} s",
     }
     sources = {name: folder or f"freshly initialised adapter ({cfg.model.preset} preset, seed {cfg.model.seed})"
                for name, folder in adapters.items()}
     report = write_report(out, scores, samples, sources, title=f"mpalign evaluation: {cfg.eval.benchmark}",
                           settings=settings, grid_samples=cfg.eval.report_samples)
-    print(metric_table(scores, list(adapters), by=None).round(4).to_string())
+    print(metric_table(scores, list(adapters), by=None).rename(index=METRIC_NAMES).to_string(float_format="{:.4f}".format))
     print(f"report: {report.resolve()}")
     return 0
 

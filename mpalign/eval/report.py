@@ -18,12 +18,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from mpalign.eval.benchmarks import BenchmarkSample
-from mpalign.eval.metrics import METRIC_NAMES, METRICS, aggregate, box_pixels
+from mpalign.eval.metrics import METRIC_NAMES, METRICS, aggregate
+from mpalign.pipeline import draw_boxes
 
-BOX_COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4")
 THUMB = 128
 
 
@@ -82,15 +82,8 @@ def _html_table(table: pd.DataFrame) -> str:
 
 
 def draw_layout(sample: BenchmarkSample, size: int = THUMB) -> Image.Image:
-    """The sample's boxes, coloured and labelled with their phrases, on a blank canvas."""
-    canvas = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (box, phrase) in enumerate(zip(sample.boxes, sample.phrases)):
-        color = BOX_COLORS[i % len(BOX_COLORS)]
-        left, top, right, bottom = box_pixels(box, size, size)
-        draw.rectangle((left, top, right - 1, bottom - 1), outline=color, width=2)
-        draw.text((left + 3, top + 2 + 10 * (i % 3)), phrase, fill=color)
-    return canvas
+    """The sample's boxes, labelled with their phrases, on a blank canvas."""
+    return draw_boxes(Image.new("RGB", (size, size), "white"), sample.boxes, sample.phrases)
 
 
 def _thumbnail(path: str, target: Path) -> None:
@@ -111,8 +104,7 @@ def _image_grid(scores: pd.DataFrame, samples: Iterable[BenchmarkSample], adapte
         for s, (phrase, paths) in enumerate(zip(sample.phrases, sample.references)):
             thumb = assets / f"{sample.sample_id}-ref{s}.png"
             _thumbnail(paths[0], thumb)
-            refs.append(f"<figure><img src='{thumb.relative_to(out_dir)}'><figcaption>"
-                        f"<span style='color:{BOX_COLORS[s % len(BOX_COLORS)]}'>■</span> {html.escape(phrase)}"
+            refs.append(f"<figure><img src='{thumb.relative_to(out_dir)}'><figcaption>{html.escape(phrase)}"
                         f"</figcaption></figure>")
         layout = assets / f"{sample.sample_id}-layout.png"
         draw_layout(sample).save(layout)

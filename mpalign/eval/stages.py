@@ -143,7 +143,9 @@ def run_evaluation(requests: list[dict[str, Any]], cfg: Config, adapters: dict[s
             .map_batches(ScoringStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=ev.batch_size,
                          batch_format="pyarrow", num_gpus=gpus, compute=ray.data.ActorPoolStrategy(size=ev.concurrency))
         )
-        frame = scored.to_pandas()
+        # via Arrow rows: Dataset.to_pandas would give list columns an ArrowDtype that Parquet metadata cannot round-trip
+        table = pa.concat_tables(ray.get(scored.to_arrow_refs()), promote_options="default")
+        frame = pd.DataFrame(table.to_pylist())
         log.info("adapter '%s': %d images scored in %.1f s", name, len(frame), time.monotonic() - started)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
