@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from mpalign.cli import run_cli
 from mpalign.config import add_config_args, config_from_args

@@ -7,4 +7,4 @@
 from mpalign.data.build import build_dataset
 from mpalign.data.collate import RowsCollateFn, load_dataset_split, rows_to_batch
 
-__all__ = ["build_dataset", "rows_to_batch", "RowsCollateFn", "load_dataset_split"]
+__all__ = ["RowsCollateFn", "build_dataset", "load_dataset_split", "rows_to_batch"]

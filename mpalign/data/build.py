@@ -23,8 +23,9 @@ import os
 import shutil
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,8 +33,15 @@ import pyarrow.parquet as pq
 from mpalign.config import Config, ConfigError, StageConfig
 from mpalign.data.assemble import assemble_shard
 from mpalign.data.records import assign_shards, fingerprint, read_records
-from mpalign.data.schema import (CONFIG_FILE, MANIFEST_FILE, REJECT_SCHEMA, REJECTS_DIR, SAMPLES_DIR, STATS_FILE,
-                                 sample_schema)
+from mpalign.data.schema import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    REJECT_SCHEMA,
+    REJECTS_DIR,
+    SAMPLES_DIR,
+    STATS_FILE,
+    sample_schema,
+)
 from mpalign.data.stages import STAGE_NAMES, STAGES
 
 MANIFEST_VERSION = 1
@@ -121,7 +129,7 @@ def _dataset_counts(out: Path) -> dict[str, Any]:
         "samples": samples.num_rows,
         "rejects": rejects.num_rows,
         "splits": dict(sorted(Counter(samples["split"].to_pylist()).items())),
-        "subjects_per_sample": dict(sorted(Counter(samples["num_subjects"].to_pylist()).items())),
+        "subjects_per_sample": {str(k): v for k, v in sorted(Counter(samples["num_subjects"].to_pylist()).items())},
         "reject_reasons": dict(sorted(Counter(rejects["reason"].to_pylist()).items())),
     }
 

@@ -8,8 +8,9 @@ does not. ``RowsCollateFn`` wraps it for ``ds.iter_torch_batches(collate_fn=...)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,8 +85,9 @@ def rows_to_batch(rows: dict[str, Any], cfg: Config) -> dict[str, torch.Tensor]:
                                       for o, c, s in zip(rows["original_size"], rows["crop_top_left"], sizes)])
 
     if "latents" not in batch:
-        from mpalign.encoders import images_to_tensor
         from PIL import Image
+
+        from mpalign.encoders import images_to_tensor
 
         images = [Image.fromarray(decode_png(v)) for v in rows["image"]]
         batch["pixel_values"] = torch.cat([images_to_tensor([im], s) for im, s in zip(images, sizes)])

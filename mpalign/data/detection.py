@@ -10,8 +10,8 @@ every box already taken (so two phrases never share one object). A phrase with n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -5,7 +5,8 @@ subject left unmatched (or matched below ``match_min_similarity``) falls back to
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment

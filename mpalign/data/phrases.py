@@ -13,26 +13,20 @@ grass", "wall" in "in front of a wall") are left out.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 # Heads that name a position, a picture or a quantity rather than a thing one could photograph on its own.
 NON_VISUAL_HEADS = frozenset(
-    "background foreground top bottom front back side middle center centre left right edge corner view photo "
-    "photograph picture image shot closeup close-up style color colour shape kind type sort lot bunch group pair "
-    "couple number set way time day night morning evening afternoon distance air light shadow rendering render "
-    "illustration drawing painting artwork portrait texture pattern size scene surface area part piece".split()
+    ["background", "foreground", "top", "bottom", "front", "back", "side", "middle", "center", "centre", "left", "right", "edge", "corner", "view", "photo", "photograph", "picture", "image", "shot", "closeup", "close-up", "style", "color", "colour", "shape", "kind", "type", "sort", "lot", "bunch", "group", "pair", "couple", "number", "set", "way", "time", "day", "night", "morning", "evening", "afternoon", "distance", "air", "light", "shadow", "rendering", "render", "illustration", "drawing", "painting", "artwork", "portrait", "texture", "pattern", "size", "scene", "surface", "area", "part", "piece"]
 )
 # Heads that are the setting (stuff and places) when they sit in a locative phrase ("on the grass").
 SETTING_HEADS = frozenset(
-    "grass lawn snow sand sky water ocean sea beach jungle forest woods field meadow street road sidewalk floor "
-    "ground wall room city town desert lake river park garden kitchen table rug carpet fabric mirror dirt mud ice "
-    "hill mountain mountains valley stage studio house building space universe world countryside farm shore "
-    "pavement path trail cobblestone bed couch sofa shelf counter desk window background".split()
+    ["grass", "lawn", "snow", "sand", "sky", "water", "ocean", "sea", "beach", "jungle", "forest", "woods", "field", "meadow", "street", "road", "sidewalk", "floor", "ground", "wall", "room", "city", "town", "desert", "lake", "river", "park", "garden", "kitchen", "table", "rug", "carpet", "fabric", "mirror", "dirt", "mud", "ice", "hill", "mountain", "mountains", "valley", "stage", "studio", "house", "building", "space", "universe", "world", "countryside", "farm", "shore", "pavement", "path", "trail", "cobblestone", "bed", "couch", "sofa", "shelf", "counter", "desk", "window", "background"]
 )
 LOCATIVE_PREPOSITIONS = frozenset(
-    "in on at under over across through inside into onto along near beside by behind above below against around "
-    "among within atop underneath beneath outside".split()
+    ["in", "on", "at", "under", "over", "across", "through", "inside", "into", "onto", "along", "near", "beside", "by", "behind", "above", "below", "against", "around", "among", "within", "atop", "underneath", "beneath", "outside"]
 )
 NON_VISUAL_ENTITIES = frozenset({"DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "ORDINAL", "CARDINAL", "LANGUAGE",
                                  "LAW", "EVENT"})

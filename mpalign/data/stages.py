@@ -68,7 +68,7 @@ class Stage:
             self.process([row])
         except RejectRecord as exc:
             reject(row, exc.reason, exc.detail, self.name)
-        except Exception as exc:  # a bug or a model error on this record alone: reject it, keep the job alive
+        except Exception as exc:  # noqa: BLE001 - a bug or model error on this record alone: reject it, keep the job
             reject(row, "stage_error", f"{type(exc).__name__}: {exc}"[:500], self.name)
 
     def run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -77,7 +77,7 @@ class Stage:
         if live:
             try:
                 self.process(live)
-            except Exception:
+            except Exception:  # noqa: BLE001 - retried record by record below, to find the one that broke
                 for row in live:
                     if row["reject_reason"] is None:
                         self._process_one(row)
@@ -202,8 +202,14 @@ class EncodeStage(Stage):
         self.sdxl = load_sdxl_encoders(cfg.model) if data.cache_vae or data.cache_text else None
 
     def process(self, rows: list[dict[str, Any]]) -> None:
-        from mpalign.encoders import (clip_hidden_states, dinov2_features, encode_phrases, encode_prompts,
-                                      images_to_tensor, vae_latents)
+        from mpalign.encoders import (
+            clip_hidden_states,
+            dinov2_features,
+            encode_phrases,
+            encode_prompts,
+            images_to_tensor,
+            vae_latents,
+        )
 
         data = self.cfg.data
         counts = [len(r["crops"]) for r in rows]

@@ -1,0 +1,228 @@
+"""The dataset builder's pure functions: matching, box rules, crops, image validation, records and shards."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from mpalign.config import DataConfig, load_config
+from mpalign.data.detection import box_passes_rules, detector_prompt, phrase_token_spans, select_boxes
+from mpalign.data.images import RejectRecord, decode_image
+from mpalign.data.pairs import match_subjects, reference_frames
+from mpalign.data.records import assign_shards, read_records, split_of
+from mpalign.data.segmentation import BACKGROUND_FILL, background_filled_crop, clean_mask
+from mpalign.data.stages import DetectStage, Stage
+
+# --- Hungarian matching -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hungarian_matching_recovers_a_known_permutation(seed):
+    rng = np.random.default_rng(seed)
+    n = 2 + seed % 3
+    target = rng.normal(size=(n, 64))
+    perm = rng.permutation(n)  # target subject i is reference subject perm[i]
+    reference = np.empty_like(target)
+    reference[perm] = target + 0.3 * rng.normal(size=target.shape)
+    matches = match_subjects(target, reference, min_similarity=0.5)
+    assert [j for j, _ in matches] == perm.tolist()
+    assert all(sim > 0.8 for _, sim in matches)
+
+
+def test_matching_is_global_not_greedy():
+    """Target 0 sits closest to reference 0, but only reference 0 suits target 1: greedy would pair (0, 0) and leave
+    target 1 an orthogonal match; the Hungarian optimum pairs (0, 1) and (1, 0)."""
+    def unit(deg):
+        return [np.cos(np.radians(deg)), np.sin(np.radians(deg))]
+
+    target = np.array([unit(10), unit(-60)])
+    reference = np.array([unit(0), unit(30)])
+    assert [j for j, _ in match_subjects(target, reference, 0.0)] == [1, 0]
+
+
+def test_unmatched_and_dissimilar_subjects_fall_back():
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=(2, 32))
+    stranger = np.zeros((1, 32))
+    stranger[0, 0] = 1.0
+    target = np.concatenate([shared, stranger, rng.normal(size=(1, 32))])  # 4 subjects, reference has 3
+    reference = np.concatenate([shared[::-1], -stranger])  # the third is the stranger's opposite
+    matches = match_subjects(target, reference, min_similarity=0.5)
+    assert [j for j, _ in matches[:2]] == [1, 0]
+    assert matches[2][0] is None  # matched to its opposite (cosine -1): below the threshold
+    assert matches[3][0] is None  # no reference subject left for it
+    assert match_subjects(target, np.zeros((0, 32)), 0.5) == [(None, 0.0)] * 4
+
+
+def test_reference_frames_pair_each_frame_with_another_frame_of_its_clip():
+    frames = [{"id": f"v-f{i}", "video_id": "v", "frame_idx": i} for i in range(4)]
+    chosen = reference_frames(frames, seed=0)
+    assert set(chosen) == {f["id"] for f in frames}
+    assert all(ref is not None and ref["id"] != fid for fid, ref in chosen.items())
+    assert chosen == reference_frames(list(reversed(frames)), seed=0)  # input order does not matter
+    assert reference_frames(frames[:1], seed=0) == {"v-f0": None}
+
+
+# --- detection rules --------------------------------------------------------------------------------------------
+
+def test_phrase_token_spans_split_at_separators():
+    ids = [101, 11, 12, 1012, 13, 1012, 102, 0, 0]
+    assert phrase_token_spans(ids, 2) == [[1, 2], [4]]
+    assert phrase_token_spans(ids, 3) == [[1, 2], [4], []]
+    assert detector_prompt(["St. Bernard", "red ball"]) == "st  bernard . red ball ."
+
+
+def test_box_rules():
+    cfg = DataConfig()
+    assert box_passes_rules((0.1, 0.1, 0.5, 0.5), cfg)
+    assert not box_passes_rules((0.1, 0.1, 0.1, 0.5), cfg)  # degenerate
+    assert not box_passes_rules((0.1, 0.1, 0.12, 0.12), cfg)  # too small
+    assert not box_passes_rules((0.0, 0.0, 1.0, 1.0), cfg)  # too large
+    assert not box_passes_rules((0.0, 0.4, 0.95, 0.5), cfg)  # too thin
+
+
+def test_select_boxes_one_per_phrase_with_thresholds_and_overlap():
+    cfg = DataConfig(box_threshold=0.3, text_threshold=0.25, max_box_overlap_iou=0.5)
+    boxes = np.array([[0.1, 0.1, 0.5, 0.5], [0.12, 0.1, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9], [0.0, 0.0, 1.0, 1.0]])
+    probs = np.array([  # tokens: 1 = phrase A, 2 = phrase B, 3 = phrase C
+        [0, 0.9, 0.8, 0.0],
+        [0, 0.1, 0.7, 0.0],
+        [0, 0.0, 0.4, 0.0],
+        [0, 0.0, 0.0, 0.99],
+    ])
+    found = select_boxes(probs, boxes, [[1], [2], [3]], cfg)
+    assert found[0].box == pytest.approx((0.1, 0.1, 0.5, 0.5)) and found[0].score == pytest.approx(0.9)
+    # B's best queries overlap A's box; the next acceptable one is taken
+    assert found[1].box == pytest.approx((0.6, 0.6, 0.9, 0.9))
+    assert found[2] is None  # C's only query is the whole image: too large
+    assert select_boxes(probs, boxes, [[1], []], cfg)[1] is None
+    strict = DataConfig(box_threshold=0.95, text_threshold=0.95)
+    assert select_boxes(probs, boxes, [[1]], strict) == [None]
+
+
+def test_detect_stage_rejects_records_without_an_acceptable_box():
+    cfg = load_config(overrides=["data.box_threshold=1.01"])
+    rows = [{"id": "a", "reject_reason": None, "phrases": ["red ball"], "image_rgb": None,
+             "phrase_char_spans": [[2, 10]], "phrase_token_positions": [[1, 2]]}]
+    from mpalign.data.schema import pack_array
+
+    rows[0]["image_rgb"] = pack_array(np.full((128, 128, 3), 90, np.uint8))
+    out = DetectStage(cfg).run(rows)
+    assert out[0]["reject_reason"] == "no_detection" and out[0]["reject_stage"] == "detect"
+
+
+def test_a_stage_error_costs_only_the_record_that_caused_it():
+    class Fragile(Stage):
+        name = "decode"
+
+        def process(self, rows):
+            for row in rows:
+                if row["id"] == "bad":
+                    raise ValueError("boom")
+                row["caption"] = "done"
+
+    rows = [{"id": i, "reject_reason": None, "caption": ""} for i in ("a", "bad", "c")]
+    out = Fragile(load_config()).run(rows)
+    assert [r["caption"] for r in out] == ["done", "", "done"]
+    assert out[1]["reject_reason"] == "stage_error" and "boom" in out[1]["reject_detail"]
+    assert all(r["t_decode"] >= 0 for r in out)
+
+
+# --- masks and crops ----------------------------------------------------------------------------------------------
+
+def test_background_filled_crop_keeps_only_the_masked_subject():
+    image = np.zeros((100, 100, 3), np.uint8)
+    image[20:40, 30:70] = (200, 10, 10)
+    mask = np.zeros((100, 100), bool)
+    mask[20:40, 30:70] = True
+    crop = background_filled_crop(image, mask, (0.3, 0.2, 0.7, 0.4), 32)
+    assert crop.shape == (32, 32, 3)
+    # a 40x20 box padded to a square: subject band in the middle, background fill above and below
+    assert (crop[0] == BACKGROUND_FILL).all() and (crop[-1] == BACKGROUND_FILL).all()
+    assert np.abs(crop[16].astype(int) - (200, 10, 10)).max() < 20
+
+
+def test_failed_sam_masks_fall_back_to_the_box():
+    empty = np.zeros((50, 50), bool)
+    assert clean_mask(empty, (0.2, 0.2, 0.6, 0.6)).sum() == 20 * 20
+    full = np.ones((50, 50), bool)
+    assert clean_mask(full, (0.2, 0.2, 0.6, 0.6)).sum() == 20 * 20  # never outside its box
+
+
+# --- image validation -------------------------------------------------------------------------------------------
+
+def _png(size, mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, 128).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data, reason", [
+    (_png((1, 1)), "image_too_small"),
+    (_png((400, 40)), "bad_aspect_ratio"),
+    (b"definitely not an image", "unreadable_image"),
+    (_png((300, 300))[:200], "unreadable_image"),
+])
+def test_decode_rejects_bad_images(data, reason):
+    with pytest.raises(RejectRecord) as err:
+        decode_image("", data, DataConfig())
+    assert err.value.reason == reason
+
+
+def test_decode_resizes_to_the_training_square_and_reports_the_crop():
+    pixels, original, crop = decode_image("", _png((200, 100)), DataConfig(image_size=64))
+    assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
+    assert original == (100, 200) and crop == (0, 32)
+    with pytest.raises(RejectRecord) as err:
+        decode_image("/no/such/file.png", None, DataConfig())
+    assert err.value.reason == "missing_image"
+
+
+# --- records, ids, shards, splits -------------------------------------------------------------------------------
+
+def test_read_records_from_jsonl_parquet_and_folder(tmp_path):
+    lines = [json.dumps({"id": "a", "image": "a.png", "caption": "a dog"}),
+             "{not json",
+             json.dumps({"image": "b.png", "caption": "a cat", "video_id": "v", "frame_idx": 3}),
+             json.dumps({"id": "a", "image": "c.png", "caption": "a cow"}),
+             json.dumps({"id": "d", "caption": "no image"}),
+             json.dumps({"id": "e", "image": "e.png", "caption": 5})]
+    (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
+    records = read_records(tmp_path / "r.jsonl")
+    assert [r["reject_reason"] for r in records] == [None, "bad_record", None, "duplicate_id", "bad_record",
+                                                    "bad_record"]
+    assert records[0]["image_path"] == str(tmp_path / "a.png")
+    assert records[2]["id"].startswith("rec-") and records[2]["id"] == read_records(tmp_path / "r.jsonl")[2]["id"]
+    assert records[2]["video_id"] == "v" and records[2]["frame_idx"] == 3
+    assert len({r["id"] for r in records}) == len(records)
+
+    pq.write_table(pa.table({"id": ["p"], "image": [_png((64, 64))], "caption": ["a ball"]}), tmp_path / "in.parquet")
+    (parquet,) = read_records(tmp_path / "in.parquet")
+    assert parquet["image_bytes"].startswith(b"\x89PNG") and parquet["reject_reason"] is None
+
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "x.png").write_bytes(_png((64, 64)))
+    (folder / "sub" / "x.txt").write_text("a red ball\n")
+    (folder / "y.jpg").write_bytes(b"junk")
+    got = read_records(folder)
+    assert [(r["id"], r["caption"]) for r in got] == [("sub/x", "a red ball"), ("y", "")]
+
+
+def test_shards_keep_clips_together_and_splits_are_deterministic():
+    records = [{"id": f"r{i}", "video_id": None, "reject_reason": None} for i in range(5)]
+    records += [{"id": f"v{i}", "video_id": "clip", "reject_reason": None} for i in range(3)]
+    records.insert(1, {"id": "late", "video_id": "clip", "reject_reason": None})
+    shards = assign_shards(records, rows_per_shard=3)
+    clip_shards = {i for i, s in enumerate(shards) for r in s if r["video_id"] == "clip"}
+    assert len(clip_shards) == 1
+    assert sorted(r["id"] for s in shards for r in s) == sorted(r["id"] for r in records)
+    assert shards == assign_shards(records, rows_per_shard=3)
+    splits = [split_of(f"id-{i}", 0.2) for i in range(2000)]
+    assert splits == [split_of(f"id-{i}", 0.2) for i in range(2000)]
+    assert 0.15 < splits.count("val") / len(splits) < 0.25
