@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mpalign.cli import UserInputError, run_cli
+from mpalign.cli import USER_ERRORS, UserInputError, run_cli
 from mpalign.config import Config, add_config_args, config_from_args
 from mpalign.eval.benchmarks import BenchmarkSample, expand_runs, load_benchmark
 
@@ -89,6 +90,26 @@ def check_subject_counts(samples: Sequence[BenchmarkSample], adapters: dict[str,
             raise UserInputError(f"adapter '{name}' takes at most {limit} subjects, the benchmark has samples with {most}")
 
 
+def report_settings(cfg: Config, num_prompts: int, seconds: float) -> dict[str, object]:
+    """What the report's settings list shows: enough to tell two reports' runs apart."""
+    ev = cfg.eval
+    tiny = f"tiny random model of the '{cfg.model.preset}' preset"
+    return {
+        "benchmark": ev.benchmark, "prompts": num_prompts, "seeds": ev.seeds, "images per prompt": ev.images_per_prompt,
+        "model preset": cfg.model.preset, "steps": ev.num_inference_steps, "guidance scale": ev.guidance_scale,
+        "size": f"{ev.width}x{ev.height}", "CLIP": ev.clip_model if cfg.model.preset == "pretrained" else tiny,
+        "DINO": ev.dino_model if cfg.model.preset == "pretrained" else tiny, "wall time": f"{seconds:.1f} s",
+    }
+
+
+def user_error_in(exc: BaseException) -> str | None:
+    """The first line of a user mistake (say, a model that cannot load) raised inside a Ray actor: it reaches the
+    driver only as the text of a Ray error, not as the original exception."""
+    names = "|".join(cls.__name__ for cls in USER_ERRORS)
+    match = re.search(rf"\b(?:{names}): (.+)", str(exc))
+    return match.group(1).strip() if match else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
@@ -116,17 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
-    scores = run_evaluation(requests, cfg, adapters, out / "images")
-    def scorer(name: str) -> str:
-        return name if cfg.model.preset == "pretrained" else f"tiny random model of the '{cfg.model.preset}' preset"
-
-    settings = {
-        "benchmark": cfg.eval.benchmark, "prompts": len(samples), "seeds": cfg.eval.seeds,
-        "images per prompt": cfg.eval.images_per_prompt, "model preset": cfg.model.preset,
-        "steps": cfg.eval.num_inference_steps, "guidance scale": cfg.eval.guidance_scale,
-        "size": f"{cfg.eval.width}x{cfg.eval.height}", "CLIP": scorer(cfg.eval.clip_model), "DINO": scorer(cfg.eval.dino_model),
-        "wall time": f"{time.monotonic() - started:.1f} s",
-    }
+    try:
+        scores = run_evaluation(requests, cfg, adapters, out / "images")
+    except ray.exceptions.RayError as exc:
+        message = user_error_in(exc)
+        if message is None:
+            raise
+        raise UserInputError(message) from None
+    settings = report_settings(cfg, len(samples), time.monotonic() - started)
     sources = {name: folder or f"freshly initialised adapter ({cfg.model.preset} preset, seed {cfg.model.seed})"
                for name, folder in adapters.items()}
     report = write_report(out, scores, samples, sources, title=f"mpalign evaluation: {cfg.eval.benchmark}",

@@ -14,7 +14,7 @@ from mpalign.config import load_config
 from mpalign.eval.benchmarks import expand_runs, load_benchmark
 from mpalign.eval.metrics import METRICS
 from mpalign.eval.stages import generate_rows
-from mpalign.evaluate import FRESH_ADAPTER, adapter_columns, main
+from mpalign.evaluate import FRESH_ADAPTER, adapter_columns, main, user_error_in
 from mpalign.pipeline import MPAlignPipeline
 
 TINY = ["--set", "eval.height=64", "--set", "eval.width=64", "--set", "eval.num_inference_steps=2",
@@ -99,3 +99,10 @@ def test_cli_mistakes_are_one_line(tmp_path, capsys):
     assert "--seeds" in capsys.readouterr().err
     assert run_cli(main, ["--benchmark", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]) == 2
     assert "neither msbench nor dreambench" in capsys.readouterr().err
+
+
+def test_user_errors_inside_actors_become_one_line():
+    text = ("ray.exceptions.ActorDiedError: The actor died ...\n  File \"zoo.py\", line 56\n"
+            "mpalign.zoo.ModelLoadError: cannot load the CLIP model from 'x': not cached\n  Get it with ...")
+    assert user_error_in(RuntimeError(text)) == "cannot load the CLIP model from 'x': not cached"
+    assert user_error_in(RuntimeError("ZeroDivisionError: division by zero")) is None
