@@ -52,7 +52,7 @@ def metric_table(scores: pd.DataFrame, adapters: Sequence[str], by: str | None) 
     """Rows = metrics (overall, ``by=None``) or the values of ``by``, one column per adapter (means)."""
     if by is None:
         means = aggregate(scores, ["adapter"]).set_index("adapter")
-        table = means[list(METRICS) + ["images"]].T
+        table = means[list(METRICS) + ["images"]].astype(object).T  # object: the image count stays an integer
     else:
         table = {metric: aggregate(scores, ["adapter", by]).pivot(index=by, columns="adapter", values=metric)
                  for metric in METRICS}
