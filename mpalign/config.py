@@ -121,6 +121,8 @@ class TrainConfig:
     max_steps: int = 40
     batch_size: int = 4  # per worker
     lr: float = 1e-4
+    lr_scheduler: str = "constant"  # any diffusers.optimization schedule name (constant, cosine, linear, ...)
+    lr_warmup_steps: int = 0  # of the learning rate; the alignment warm-up is warmup_steps below
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     grad_accum_steps: int = 1
@@ -140,6 +142,10 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 1.0
+    storage_path: str = ""  # where Ray Train keeps checkpoints; "" = output_dir. Multi-node: s3://..., gs://... or NFS
+    # A dataset up to this size on disk is read once into Ray's object store, so epochs start at once instead of
+    # re-reading Parquet (seconds per epoch); larger ones stream from storage every epoch.
+    materialize_max_gb: float = 2.0
     strategy: str = "ddp"  # ddp | deepspeed
     deepspeed_config: str = "configs/deepspeed_zero2.json"
     checkpoint_every: int = 20
@@ -162,13 +168,15 @@ class TuneConfig:
     alpha_max: float = 1e-1
     layer_sets: list[str] = field(default_factory=lambda: ["down+mid", "down+mid+up"])
     lambda_self: list[float] = field(default_factory=lambda: [1.0])
-    loss_extras: list[str] = field(default_factory=lambda: ["none"])
+    loss_extras: list[str] = field(default_factory=lambda: ["none"])  # each: none, attn, disentangle or attn+disentangle
+    attn_loss_weight: float = 0.01  # weight of the "attn" extra (MS-Diffusion appendix G uses 0.01)
+    disentangle_weight: float = 0.01  # weight of the "disentangle" extra
     scheduler: str = "asha"  # asha | fifo
     grace_period: int = 2
     reduction_factor: int = 2
     max_concurrent_trials: int = 1
-    cpus_per_trial: float = 0.01
-    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 0.5  # one trial's training workers in total (split over train.num_workers)
+    gpus_per_trial: float = 0.0  # likewise; fractions let several trials share a GPU
     metric: str = "objective"
     mode: str = "min"
 
@@ -359,6 +367,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(item)
         _set_path(tree, key, value)
     return _build(Config, _deep_merge(data, tree))
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A type-checked Config from the plain tree ``Config.to_dict()`` gives (how configs travel to Ray workers)."""
+    return _build(Config, data)
 
 
 def _raw_tree(path: Path) -> dict[str, Any]:

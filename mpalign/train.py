@@ -1,0 +1,443 @@
+"""Train the adapter on Ray Train.
+
+    python -m mpalign.train --config CONFIG [--set key=value ...] [--resume | --overwrite]
+    ray job submit -- python -m mpalign.train --config CONFIG ...     # the same command on a cluster
+
+A ``TorchTrainer`` runs :func:`train_loop_per_worker` on ``train.num_workers`` workers (DDP, or DeepSpeed ZeRO-2 with
+``train.strategy=deepspeed``). Each worker reads its shard of the built dataset's train split through Ray Data,
+steps with :func:`mpalign.training.step.train_step` (the function the benchmark times), reports metrics to Ray Train
+and, on rank 0, to TensorBoard/MLflow, validates every ``train.val_every`` steps and checkpoints every
+``train.checkpoint_every`` steps. A lost worker brings the group back from the last checkpoint
+(``train.max_failures``); ``--resume`` continues a finished or interrupted run. The final adapter lands in
+``<train.output_dir>/adapter`` (``save_pretrained`` layout, projectors in ``adapter/projectors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpalign.cli import UserInputError, run_cli
+from mpalign.config import REPO_ROOT, Config, ConfigError, add_config_args, config_from_args, config_from_dict
+from mpalign.training.checkpoint import (
+    ADAPTER_DIR,
+    EMA_ADAPTER_DIR,
+    DataPosition,
+    TrainingState,
+    ema_weights,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mpalign.training.metrics import NullLogger, check_logger, make_logger
+from mpalign.training.step import (
+    build_ema,
+    build_lr_scheduler,
+    build_optimizer,
+    check_train_config,
+    make_grad_scaler,
+    seed_everything,
+    train_step,
+    unwrap,
+)
+from mpalign.training.validation import ValidationExample, ValidationGrid, save_grid, validation_metrics
+
+logger = logging.getLogger("mpalign.train")
+
+RUN_NAME = "run"  # Ray Train's run folder under the storage path; the same name is what makes --resume find it
+FINAL_ADAPTER = "adapter"
+OUTPUT_SUBDIRS = (FINAL_ADAPTER, "tensorboard", "validation")  # what --overwrite clears besides the run
+# Test hook for fault tolerance: "STEP:MARKER_FILE" makes the last worker die at STEP once (while MARKER_FILE is absent).
+CRASH_ENV = "MPALIGN_TEST_CRASH_AT_STEP"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingOutcome:
+    output_dir: Path
+    adapter_dir: Path
+    checkpoint_path: str
+    metrics: dict[str, Any]
+
+
+def dataset_samples_uri(cfg: Config) -> str:
+    """The built dataset's samples folder: a local path or a remote URI (s3://, gs://) Ray Data reads directly."""
+    from mpalign.data.schema import SAMPLES_DIR
+
+    return f"{cfg.data.path.rstrip('/')}/{SAMPLES_DIR}"
+
+
+def _absolute(path: str) -> str:
+    if not path or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _resolve_paths(cfg: Config) -> Config:
+    """Absolute paths before the config travels to workers (whose working directory Ray changes)."""
+    cfg.train.output_dir = _absolute(cfg.train.output_dir)
+    cfg.train.storage_path = _absolute(cfg.train.storage_path)
+    cfg.data.path = _absolute(cfg.data.path)
+    if cfg.train.strategy == "deepspeed":
+        ds_config = Path(cfg.train.deepspeed_config)
+        if not ds_config.is_absolute() and not ds_config.exists() and (REPO_ROOT / ds_config).exists():
+            ds_config = REPO_ROOT / ds_config
+        if not ds_config.exists():
+            raise UserInputError(f"train.deepspeed_config '{cfg.train.deepspeed_config}' does not exist "
+                                 f"(the shipped one is configs/deepspeed_zero2.json)")
+        cfg.train.deepspeed_config = str(ds_config.resolve())
+    return cfg
+
+
+def check_config(cfg: Config) -> None:
+    """Every user mistake that can be found before Ray starts."""
+    check_train_config(cfg.train)
+    check_logger(cfg.train.logger)
+    if cfg.train.strategy == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.strategy=deepspeed needs DeepSpeed: pip install 'mpalign[deepspeed]'") from None
+    samples = dataset_samples_uri(cfg)
+    if "://" not in samples and not Path(samples).is_dir():
+        raise UserInputError(f"no built dataset at '{cfg.data.path}' (no '{Path(samples).name}' folder); build one with "
+                             f"`python pipelines/build_dataset.py --output {cfg.data.path}` or set data.path")
+
+
+def _prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
+    storage = cfg.train.storage_path or cfg.train.output_dir
+    if overwrite:
+        for name in OUTPUT_SUBDIRS:
+            shutil.rmtree(Path(cfg.train.output_dir) / name, ignore_errors=True)
+    if "://" in storage:
+        return  # remote storage: Ray Train resumes if the run exists; nothing to check locally
+    run_dir = Path(storage) / RUN_NAME
+    if not run_dir.exists():
+        if resume:
+            logger.info("nothing to resume in %s: starting a new run", run_dir)
+        return
+    if overwrite:
+        shutil.rmtree(run_dir)
+    elif not resume:
+        raise UserInputError(f"'{run_dir}' already holds a training run: pass --resume to continue it, --overwrite "
+                             f"to start over, or set train.output_dir to another folder")
+
+
+def load_datasets(cfg: Config) -> dict[str, Any]:
+    """The train and val splits of the built dataset as Ray Datasets (the val split may be empty)."""
+    import ray.data
+    from ray.data.expressions import col
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # deterministic epochs (checkpoint data-position semantics)
+    uri = dataset_samples_uri(cfg)
+    samples = ray.data.read_parquet(uri)
+    size_gb = _stored_bytes(uri) / 2**30
+    if size_gb <= cfg.train.materialize_max_gb:
+        logger.info("dataset %.3f GB <= train.materialize_max_gb: reading it once into the object store", size_gb)
+        samples = samples.materialize()
+    train, val = samples.filter(expr=col("split") == "train"), samples.filter(expr=col("split") == "val")
+    return {"train": train.randomize_block_order(seed=cfg.train.seed), "val": val}
+
+
+def _stored_bytes(uri: str) -> int:
+    import pyarrow.fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sum(info.size or 0 for info in infos if info.type == pafs.FileType.File)
+
+
+def _validation_examples(val: Any, count: int) -> list[dict[str, Any]]:
+    if count <= 0:
+        return []
+    columns = ["caption", "phrases", "boxes", "reference_crops"]
+    return [ValidationExample.from_row(row).__dict__ for row in val.select_columns(columns).take(count)]
+
+
+def _crash_hook() -> dict[str, Any] | None:
+    value = os.environ.get(CRASH_ENV)
+    if not value:
+        return None
+    step, marker = value.split(":", 1)
+    return {"step": int(step), "marker": marker}
+
+
+def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False,
+                 callbacks: Sequence[Any] = ()) -> TrainingOutcome:
+    """Train with Ray Train and export the final adapter; connects to Ray (``RAY_ADDRESS``) or starts a local one."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    check_config(cfg)
+    cfg = _resolve_paths(cfg)
+    _prepare_run_dir(cfg, resume, overwrite)
+    output_dir = Path(cfg.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(output_dir / "config.yaml")
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"))
+    datasets = load_datasets(cfg)
+    train_cfg = cfg.train
+    resources = {"CPU": train_cfg.cpus_per_worker}
+    if train_cfg.use_gpu:
+        resources["GPU"] = train_cfg.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "val_examples": _validation_examples(datasets["val"], train_cfg.val_num_images if train_cfg.val_every
+                                                 else 0),
+            "crash": _crash_hook(),
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME,
+            storage_path=train_cfg.storage_path or train_cfg.output_dir,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
+            callbacks=list(callbacks),
+        ),
+        datasets=datasets,
+        # every worker sees the whole (small) val split: validation does not depend on the number of workers
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    adapter_dir = output_dir / FINAL_ADAPTER
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        source = Path(checkpoint_dir) / (EMA_ADAPTER_DIR if (Path(checkpoint_dir) / EMA_ADAPTER_DIR).exists()
+                                         else ADAPTER_DIR)
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        shutil.copytree(source, adapter_dir)
+    logger.info("final adapter written to %s", adapter_dir)
+    return TrainingOutcome(output_dir, adapter_dir, result.checkpoint.path, dict(result.metrics or {}))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Worker
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The JSON config with its "auto" entries filled from the ``train`` section."""
+    ds_config = json.loads(Path(cfg.train.deepspeed_config).read_text())
+    train = cfg.train
+    autos = {"train_micro_batch_size_per_gpu": train.batch_size, "gradient_accumulation_steps": train.grad_accum_steps,
+             "gradient_clipping": train.max_grad_norm}
+    for key, value in autos.items():
+        if ds_config.get(key, "auto") == "auto":
+            ds_config[key] = value
+    ds_config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    params = ds_config.get("optimizer", {}).get("params", {})
+    for key, value in (("lr", train.lr), ("weight_decay", train.weight_decay)):
+        if params.get(key) == "auto":
+            params[key] = value
+    return ds_config
+
+
+def _build_engine(module: torch.nn.Module, cfg: Config, device: torch.device, world_size: int):
+    """(model to step, optimizer or None, lr scheduler or None): DDP via Ray, or a DeepSpeed engine."""
+    import ray.train.torch
+
+    if cfg.train.strategy == "deepspeed":
+        import deepspeed
+
+        ds_config = _deepspeed_config(cfg, world_size)
+        optimizer = None if "optimizer" in ds_config else build_optimizer(module, cfg.train)
+        engine, optimizer, _, lr_scheduler = deepspeed.initialize(
+            model=module, model_parameters=module.trainable_parameters(), optimizer=optimizer, config=ds_config,
+            lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.train))
+        return engine, None, lr_scheduler
+    model = ray.train.torch.prepare_model(module, move_to_device=device,
+                                          parallel_strategy_kwargs={"find_unused_parameters": True})
+    # alpha = 0 during warm-up leaves the projectors out of the graph: DDP must tolerate unused parameters
+    optimizer = build_optimizer(module, cfg.train)
+    return model, optimizer, build_lr_scheduler(optimizer, cfg.train)
+
+
+def _mean_across_workers(metrics: dict[str, float], world_size: int, device: torch.device) -> dict[str, float]:
+    if world_size == 1:
+        return metrics
+    import torch.distributed as dist
+
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(keys, (values / world_size).tolist()))
+
+
+def _maybe_crash(crash: dict[str, Any] | None, step: int, rank: int, world_size: int) -> None:
+    if crash and step == crash["step"] and rank == world_size - 1 and not os.path.exists(crash["marker"]):
+        Path(crash["marker"]).write_text(f"worker {rank} killed at step {step}\n")
+        os._exit(1)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: build the model, restore the last checkpoint, step until ``max_steps``."""
+    import ray.train
+    import ray.train.torch
+
+    from mpalign.data.collate import RowsCollateFn
+    from mpalign.models.training_module import MPAlignTrainingModule
+
+    cfg = config_from_dict(loop_config["config"])
+    train = cfg.train
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
+    seed_everything(train.seed + rank)
+
+    module = MPAlignTrainingModule.from_config(cfg, device=device)
+    if train.gradient_checkpointing:
+        module.enable_gradient_checkpointing()
+    module.train()
+    model, optimizer, lr_scheduler = _build_engine(module, cfg, device, world_size)
+    state = TrainingState(optimizer=optimizer, lr_scheduler=lr_scheduler,
+                          generator=torch.Generator().manual_seed(train.seed + 7919 * rank),
+                          ema=build_ema(module, train), grad_scaler=make_grad_scaler(train, device))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            load_checkpoint(directory, model, state, rank, train.seed)
+    resumed_from = state.step
+
+    metrics_logger = (make_logger(train.logger, train.output_dir, RUN_NAME, {"config": loop_config["config"]})
+                      if rank == 0 else NullLogger())
+
+    collate = RowsCollateFn(cfg)
+    rows_per_step = train.batch_size * train.grad_accum_steps
+    val_batches: list[dict[str, torch.Tensor]] = []
+    if rank == 0 and train.val_every > 0:
+        val_iter = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=train.batch_size,
+                                                                        collate_fn=collate)
+        val_batches = list(islice(val_iter, train.val_batches))
+        if not val_batches:
+            logger.warning("the dataset has no val rows: validation is skipped")
+    val_examples = [ValidationExample(**e) for e in loop_config["val_examples"]]
+    grid = ValidationGrid(cfg, val_examples, device) if rank == 0 and val_examples else None
+    train_shard = ray.train.get_dataset_shard("train")
+
+    images_per_step = rows_per_step * world_size
+    last_time = time.perf_counter()
+    while state.step < train.max_steps:
+        position = state.position
+        batches = train_shard.iter_torch_batches(
+            batch_size=rows_per_step, collate_fn=collate, drop_last=True,
+            local_shuffle_buffer_size=4 * rows_per_step, local_shuffle_seed=train.seed + position.epoch)
+        yielded = 0
+        for index, batch in enumerate(batches):
+            yielded += 1
+            if index < position.batches_in_epoch:
+                continue  # already consumed before the checkpoint this run resumed from
+            _maybe_crash(loop_config["crash"], state.step, rank, world_size)
+            step_metrics = train_step(model, optimizer, batch, state.step, device=device,
+                                      grad_accum_steps=train.grad_accum_steps, mixed_precision=train.mixed_precision,
+                                      max_grad_norm=train.max_grad_norm, lr_scheduler=lr_scheduler,
+                                      grad_scaler=state.grad_scaler, ema=state.ema, generator=state.generator)
+            state.step += 1
+            state.position = DataPosition(position.epoch, index + 1)
+            now = time.perf_counter()
+            step_metrics["img_per_s"] = images_per_step / max(now - last_time, 1e-9)
+            last_time = now
+            if device.type == "cuda":
+                step_metrics["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            _end_of_step(cfg, model, state, step_metrics, rank, world_size, device, metrics_logger, val_batches,
+                         grid, resumed_from)
+            last_time = time.perf_counter()  # reporting, validation and checkpoints are not step time
+            if state.step >= train.max_steps:
+                break
+        else:
+            if yielded == 0:
+                raise RuntimeError(f"worker {rank}'s shard of the train split holds fewer than {rows_per_step} rows "
+                                   f"(train.batch_size x train.grad_accum_steps): lower them or use fewer workers")
+            state.position = DataPosition(position.epoch + 1, 0)
+    metrics_logger.close()
+
+
+def _end_of_step(cfg: Config, model: torch.nn.Module, state: TrainingState, step_metrics: dict[str, float], rank: int,
+                 world_size: int, device: torch.device, metrics_logger: Any, val_batches: list[dict[str, torch.Tensor]],
+                 grid: ValidationGrid | None, resumed_from: int) -> None:
+    """Log, validate, checkpoint and report to Ray Train as the schedule in ``cfg.train`` says for this step."""
+    import ray.train
+
+    train, step = cfg.train, state.step
+    last = step >= train.max_steps
+    checkpoint_now = step % train.checkpoint_every == 0 or last
+    validate_now = train.val_every > 0 and (step % train.val_every == 0 or last)
+    report_now = step % train.log_every == 0 or checkpoint_now or validate_now
+    metrics_logger.log_scalars(step_metrics, step)
+    if not report_now:
+        return
+    metrics = _mean_across_workers(step_metrics, world_size, device)
+    metrics.update(step=step, epoch=state.position.epoch, resumed_from_step=resumed_from)
+    if validate_now and rank == 0:
+        metrics.update(_validate(cfg, model, state, val_batches, grid, device, metrics_logger))
+    if not checkpoint_now:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="mpalign-ckpt-") as directory:
+        save_checkpoint(directory, model, state, rank)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _validate(cfg: Config, model: torch.nn.Module, state: TrainingState, val_batches: list[dict[str, torch.Tensor]],
+              grid: ValidationGrid | None, device: torch.device, metrics_logger: Any) -> dict[str, float]:
+    module = unwrap(model)
+    metrics = validation_metrics(module, val_batches, state.step, seed=cfg.train.seed, device=device)
+    metrics_logger.log_scalars(metrics, state.step)
+    if grid is not None:
+        with tempfile.TemporaryDirectory(prefix="mpalign-val-") as directory, ema_weights(module, state.ema):
+            image = grid.render(module.save_adapter(directory))
+        save_grid(image, Path(cfg.train.output_dir) / "validation", state.step)
+        metrics_logger.log_image("val/generations", image, state.step)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mpalign.train", description=__doc__.split("\n\n")[0])
+    add_config_args(parser)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in train.output_dir from its last checkpoint")
+    group.add_argument("--overwrite", action="store_true", help="delete the run in train.output_dir and start over")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    outcome = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
+    summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in outcome.metrics.items()}
+    print(f"trained to step {summary.get('step')}: adapter in {outcome.adapter_dir}")
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
