@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +86,13 @@ def stage_settings(cfg: Config, cluster: dict[str, float]) -> dict[str, StageCon
     return settings
 
 
-def _pipeline(cfg: Config, records: list[dict[str, Any]], settings: dict[str, StageConfig]):
+def _ray_batches(cfg: Config, records: list[dict[str, Any]], report: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
+    """Finished work rows from the Ray Data pipeline: one actor pool per stage, streaming."""
     import ray
 
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+    settings = stage_settings(cfg, ray.cluster_resources())
     first = settings[STAGE_NAMES[0]].batch_size
     ds = ray.data.from_items(records, override_num_blocks=max(1, min(len(records), math.ceil(len(records) / first))))
     for name in STAGE_NAMES:
@@ -96,7 +100,27 @@ def _pipeline(cfg: Config, records: list[dict[str, Any]], settings: dict[str, St
         ds = ds.map_batches(STAGES[name], fn_constructor_args=(cfg,), batch_format="pyarrow",
                             batch_size=s.batch_size, compute=ray.data.ActorPoolStrategy(size=s.concurrency),
                             num_cpus=s.num_cpus, num_gpus=s.num_gpus)
-    return ds
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        yield batch.to_pylist()
+    report["ray_data_stats"] = ds.stats()
+
+
+def _local_batches(cfg: Config, records: list[dict[str, Any]], report: dict[str, Any]
+                   ) -> Iterator[list[dict[str, Any]]]:
+    """The same stage classes in a plain loop, one batch through all stages at a time: no Ray needed (the GPU
+    benchmark machine has none) and the baseline the Ray pipeline is measured against."""
+    settings = {name: cfg.data.stages.get(name, StageConfig()) for name in STAGE_NAMES}
+    stages = [STAGES[name](cfg) for name in STAGE_NAMES]
+    chunk = settings[STAGE_NAMES[0]].batch_size
+    for begin in range(0, len(records), chunk):
+        rows = [dict(r) for r in records[begin:begin + chunk]]
+        for stage in stages:
+            size = settings[stage.name].batch_size
+            rows = [row for i in range(0, len(rows), size) for row in stage.run(rows[i:i + size])]
+        yield rows
+
+
+EXECUTORS = {"ray": _ray_batches, "local": _local_batches}
 
 
 def _check_manifest(out: Path, manifest: dict[str, Any], overwrite: bool) -> None:
@@ -134,6 +158,16 @@ def _dataset_counts(out: Path) -> dict[str, Any]:
     }
 
 
+def _steady_rate(arrivals: list[tuple[float, int]]) -> float | None:
+    """Records per second over the second half of the output, when start-up (model loading, actor creation) is
+    over and the pipeline is full."""
+    if len(arrivals) < 3:
+        return None
+    half = next(i for i, (_, count) in enumerate(arrivals) if count >= arrivals[-1][1] / 2)
+    (t0, n0), (t1, n1) = arrivals[min(half, len(arrivals) - 2)], arrivals[-1]
+    return round((n1 - n0) / (t1 - t0), 3) if t1 > t0 else None
+
+
 def _stage_stats(rows_seen: list[dict[str, Any]]) -> dict[str, Any]:
     """Rows each stage saw (live ones), rejected, and its busy time / throughput per actor-second."""
     order = {name: i for i, name in enumerate(STAGE_NAMES)}
@@ -147,17 +181,19 @@ def _stage_stats(rows_seen: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_dataset(cfg: Config, input: str | None = None, output: str | None = None, overwrite: bool = False,
-                  max_shards: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  max_shards: int | None = None, log: Callable[[str], None] | None = None,
+                  executor: str = "ray") -> dict[str, Any]:
     """Build (or finish building) the dataset; returns the stats also written to ``<output>/stats.json``.
 
     ``input``: JSONL / Parquet / image folder (default ``cfg.data.input``, else the embedded sample); ``output``:
     default ``cfg.data.path``. ``max_shards`` builds at most that many unfinished shards and stops (incremental
-    builds; the resume test). Starts a local Ray when none is running."""
-    import ray
-
+    builds; the resume test). ``executor``: "ray" (the Ray Data pipeline; starts a local Ray when none is running)
+    or "local" (the same stages in a plain loop, without Ray)."""
     from mpalign.sample_data import ensure_sample_dataset
 
     log = log or (lambda msg: print(msg, flush=True))
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor '{executor}', expected one of {', '.join(EXECUTORS)}")
     if not cfg.data.cache_dinov2:
         raise ConfigError("data.cache_dinov2 must stay true: DINOv2 features are the alignment targets and always cached")
     input_path = Path(input or cfg.data.input or ensure_sample_dataset(cfg.data.sample)).resolve()
@@ -182,18 +218,17 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
         f"building {len(todo)} → {out}")
     start = time.perf_counter()
     rows_seen: list[dict[str, Any]] = []
+    arrivals: list[float] = []
     pair_counts: Counter[str] = Counter()
+    report: dict[str, Any] = {}
     if todo:
         work = [{**r, "shard": i} for i in todo for r in shards[i]]
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
-        settings = stage_settings(cfg, ray.cluster_resources())
         pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
         expected = {i: len(shards[i]) for i in todo}
         written = 0
-        ds = _pipeline(cfg, work, settings)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
+        for rows in EXECUTORS[executor](cfg, work, report):
+            arrivals.append((time.perf_counter() - start, len(rows_seen) + len(rows)))
+            for row in rows:
                 pending[row["shard"]].append(row)
                 rows_seen.append({k: row[k] for k in ("reject_stage", *(f"t_{n}" for n in STAGE_NAMES))})
                 if len(pending[row["shard"]]) == expected[row["shard"]]:
@@ -206,7 +241,8 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
                         f"{len(rejects)} rejects, {rate:.2f} records/s")
         if pending:  # cannot happen unless a stage lost rows; never leave a silently short shard
             raise RuntimeError(f"shards {sorted(pending)} did not receive all their rows")
-        (out / "ray_data_stats.txt").write_text(ds.stats())
+        if "ray_data_stats" in report:
+            (out / "ray_data_stats.txt").write_text(report["ray_data_stats"])
     wall = time.perf_counter() - start
     stats = {
         "input": str(input_path),
@@ -215,8 +251,10 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
                    "finished": sum((out / SAMPLES_DIR / shard_name(i)).exists() for i in range(len(shards)))},
         **_dataset_counts(out),
         "frame_pairs": dict(pair_counts),
-        "this_run": {"records": len(rows_seen), "wall_s": round(wall, 3),
+        "this_run": {"executor": executor, "records": len(rows_seen), "wall_s": round(wall, 3),
                      "records_per_s": round(len(rows_seen) / wall, 3) if rows_seen and wall else None,
+                     "first_output_s": round(arrivals[0][0], 3) if arrivals else None,
+                     "steady_records_per_s": _steady_rate(arrivals),
                      "stages": _stage_stats(rows_seen)},
     }
     (out / STATS_FILE).write_text(json.dumps(stats, indent=1))

@@ -1,0 +1,251 @@
+"""Dataset-builder throughput: the Ray Data pipeline against a plain sequential loop over the same stage classes.
+
+    python benchmarks/bench_build.py                     # CPU, tiny models: Ray pipeline vs sequential loop
+    python benchmarks/bench_build.py --size full         # GPU: random full-size Grounding DINO (Swin-T), SAM ViT-H,
+                                                         # DINOv2-base; each stage alone vs the whole pipeline
+
+Both runs go through ``build_dataset`` (same records, same stages, same shard writing); only the executor differs.
+Throughput is reported end to end (model loading / actor start included) and in steady state (the second half of
+the output, once the pipeline is full). The sequential loop runs twice, with torch's default thread count and with
+one thread (what Ray gives each fractional-CPU actor), and the Ray pipeline is compared with the faster of the two. ``--size full`` needs no Ray for the stage-alone timings; the whole pipeline runs on Ray when it is
+installed, else sequentially (and says so). Without spaCy (the GPU image lacks it) the phrase stage is skipped and
+the sample's ground-truth phrases feed the detector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import torch
+
+from mpalign.config import Config, SampleDataConfig, StageConfig, add_config_args, config_from_args
+from mpalign.data.build import build_dataset
+from mpalign.data.records import read_records
+from mpalign.data.stages import STAGE_NAMES, STAGES
+from mpalign.sample_data import generate_sample_dataset
+
+
+def _rates(stats: dict[str, Any]) -> tuple[float, float, float]:
+    run = stats["this_run"]
+    return run["wall_s"], run["records_per_s"], run["steady_records_per_s"] or float("nan")
+
+
+def bench_tiny(cfg: Config, num_images: int, work: Path) -> dict[str, Any]:
+    import ray
+
+    records = generate_sample_dataset(work / "input", SampleDataConfig(num_images=num_images,
+                                                                      num_videos=max(1, num_images // 8)))
+    n = len(read_records(records))
+    print(f"{n} records ({num_images} images + frame pairs), {os.cpu_count()} CPU cores, torch threads "
+          f"{torch.get_num_threads()}")
+    results = {}
+    default_threads = torch.get_num_threads()
+    for name, executor, threads in (("sequential loop", "local", default_threads),
+                                    ("sequential loop", "local", 1), ("Ray Data pipeline", "ray", None)):
+        if executor == "ray" and not ray.is_initialized():
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        torch.set_num_threads(threads or default_threads)
+        stats = build_dataset(cfg, input=str(records), output=str(work / executor), overwrite=True, executor=executor,
+                              log=lambda _: None)
+        wall, e2e, steady = _rates(stats)
+        key = f"{executor}-{threads}-threads" if threads else executor
+        results[key] = {"wall_s": wall, "records_per_s": e2e, "steady_records_per_s": steady,
+                        "samples": stats["samples"], "stages": stats["this_run"]["stages"]}
+        label = f"{name} ({threads} torch thread{'s' if threads != 1 else ''})" if threads else name
+        print(f"  {label:34s} wall {wall:6.1f} s   end-to-end {e2e:6.2f} rec/s   steady {steady:6.2f} rec/s   "
+              f"({stats['samples']} samples)")
+    torch.set_num_threads(default_threads)
+    assert len({r["samples"] for r in results.values()}) == 1, "the executors disagree"
+    ray_run = results.pop("ray")
+    best = max(results.values(), key=lambda r: r["records_per_s"])
+    ratio_e2e = ray_run["records_per_s"] / best["records_per_s"]
+    ratio_steady = ray_run["steady_records_per_s"] / max(r["steady_records_per_s"] for r in results.values())
+    print(f"Ray / best sequential: {ratio_e2e:.2f}x end to end, {ratio_steady:.2f}x steady state (goal >= 1.5x)")
+    for key, run in {**results, "ray": ray_run}.items():
+        print(f"  stage busy s ({key}):", ", ".join(f"{k} {v['busy_s']:.2f}" for k, v in run["stages"].items()))
+    results["ray"] = ray_run
+    return {"records": n, **results, "ratio_end_to_end": ratio_e2e, "ratio_steady": ratio_steady}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# --size full: random-initialised full-size models, written in the layout real checkpoints use
+# ------------------------------------------------------------------------------------------------------------------
+
+def save_full_size_models(out: Path, dtype: torch.dtype) -> list[str]:
+    """Grounding DINO (Swin-T + BERT-base, as grounding-dino-tiny), SAM ViT-H, DINOv2-base; tokenizers are the
+    offline tiny ones (their ids are valid in BERT's / CLIP's real vocabularies). Returns the model.* overrides."""
+    from transformers import (
+        BitImageProcessor,
+        Dinov2Config,
+        Dinov2Model,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SamConfig,
+        SamImageProcessor,
+        SamModel,
+        SamProcessor,
+        SamVisionConfig,
+    )
+
+    from mpalign.tokenizers import tiny_bert_tokenizer, tiny_clip_tokenizer
+
+    torch.manual_seed(0)
+    parts = {
+        "grounding_dino": (GroundingDinoForObjectDetection(GroundingDinoConfig()),
+                           GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(),
+                                                  tokenizer=tiny_bert_tokenizer())),
+        "sam": (SamModel(SamConfig(vision_config=SamVisionConfig(hidden_size=1280, num_hidden_layers=32,
+                                                                 num_attention_heads=16,
+                                                                 global_attn_indexes=[7, 15, 23, 31]))),
+                SamProcessor(image_processor=SamImageProcessor())),
+        "dinov2": (Dinov2Model(Dinov2Config(image_size=518)),
+                   BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                     do_center_crop=True, image_mean=[0.485, 0.456, 0.406],
+                                     image_std=[0.229, 0.224, 0.225])),
+    }
+    for role, (model, processor) in parts.items():
+        n = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"  {role}: {n:.0f}M parameters (random)")
+        model.to(dtype).save_pretrained(out / role)
+        processor.save_pretrained(out / role)
+    for sub in ("tokenizer", "tokenizer_2"):  # the phrase stage's token positions
+        tiny_clip_tokenizer().save_pretrained(out / "sdxl" / sub)
+    return ["model.preset=pretrained", f"model.grounding_dino={out / 'grounding_dino'}", f"model.sam={out / 'sam'}",
+            f"model.dinov2={out / 'dinov2'}", f"model.sdxl={out / 'sdxl'}"]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _ground_truth_phrases(rows: list[dict[str, Any]], records_file: Path) -> None:
+    truth = {json.loads(line)["id"]: json.loads(line)["objects"] for line in records_file.read_text().splitlines()}
+    for row in rows:
+        if row["reject_reason"] is None:
+            row["phrases"] = [o["phrase"] for o in truth[row["id"]]]
+
+
+def bench_full(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    print(f"device {device}, dtype {dtype}; writing random full-size models to {work / 'models'}")
+    overrides = save_full_size_models(work / "models", dtype)
+    overrides += [f"model.device={device}", f"model.dtype={str(dtype).removeprefix('torch.')}",
+                  "data.image_size=1024", "data.crop_size=224", "data.cache_clip=false", "data.cache_vae=false",
+                  "data.cache_text=false", "data.box_threshold=0", "data.text_threshold=0", "data.min_box_area=0.0001"]
+    cfg = config_from_args(args, overrides)
+    records_file = generate_sample_dataset(work / "input", SampleDataConfig(num_images=args.num_images, num_videos=0,
+                                                                             image_size=512))
+    rows = [{**r, "shard": 0} for r in read_records(records_file)]
+    try:
+        import spacy  # noqa: F401
+
+        names = list(STAGE_NAMES)
+    except ImportError:
+        print("spaCy is not installed here: the phrase stage is skipped, ground-truth phrases feed the detector")
+        names = [n for n in STAGE_NAMES if n != "phrases"]
+    stages = {}
+    for name in names:
+        start = time.perf_counter()
+        stages[name] = STAGES[name](cfg)
+        print(f"  loaded {name} stage in {time.perf_counter() - start:.1f} s")
+    batch = args.batch_size
+
+    def run(stage, inputs):
+        return [r for i in range(0, len(inputs), batch) for r in stage.run(inputs[i:i + batch])]
+
+    inputs, alone = {}, {}
+    current = rows
+    for name in names:  # one pass to produce every stage's inputs (and warm every model up)
+        inputs[name] = copy.deepcopy(current)
+        current = run(stages[name], copy.deepcopy(current))
+        if name == "decode" and "phrases" not in names:
+            _ground_truth_phrases(current, records_file)
+    for name in names:
+        timed = copy.deepcopy(inputs[name])
+        _sync()
+        start = time.perf_counter()
+        run(stages[name], timed)
+        _sync()
+        alone[name] = (time.perf_counter() - start) / len(rows)
+    total = sum(alone.values())
+    print(f"{len(rows)} images of 512 px → 1024 px training images, batch {batch}")
+    for name, seconds in alone.items():
+        print(f"  {name:8s} alone: {1000 * seconds:8.1f} ms/img  {1 / seconds:8.2f} img/s")
+    print(f"  sum of stages: {1000 * total:.1f} ms/img → ideal pipelined rate 1/sum = {1 / total:.2f} img/s")
+    try:
+        import ray  # noqa: F401
+
+        executor = "ray" if "phrases" in names else "local"
+    except ImportError:
+        executor = "local"
+    if executor == "local":
+        print("  whole pipeline: Ray or spaCy missing here, so the sequential loop runs it (no overlap to measure)")
+    gpus = {"detect": 0.25, "segment": 0.5, "encode": 0.25}
+    for name in STAGE_NAMES:
+        cfg.data.stages.setdefault(name, StageConfig(batch_size=batch, num_gpus=gpus.get(name, 0.0)
+                                                     if device == "cuda" else 0.0))
+    if executor == "local":
+        start = time.perf_counter()
+        out = run_whole_locally(stages, names, rows, records_file, batch)
+        wall = time.perf_counter() - start
+        rate = len(out) / wall
+    else:
+        stats = build_dataset(cfg, input=str(records_file), output=str(work / "dataset"), overwrite=True,
+                              executor=executor, log=lambda _: None)
+        _, _, rate = _rates(stats)
+    print(f"  whole pipeline ({executor}): {rate:.2f} img/s = {rate * total:.2f} x the ideal (goal >= 0.8)")
+    return {"device": device, "per_image_s_alone": alone, "ideal_img_per_s": 1 / total, "pipeline_img_per_s": rate,
+            "executor": executor, "fraction_of_ideal": rate * total}
+
+
+def run_whole_locally(stages, names, rows, records_file, batch):
+    out = []
+    for i in range(0, len(rows), batch):
+        current = copy.deepcopy(rows[i:i + batch])
+        for name in names:
+            current = stages[name].run(current)
+            if name == "decode" and "phrases" not in names:
+                _ground_truth_phrases(current, records_file)
+        out += current
+    _sync()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_args(parser)
+    parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    parser.add_argument("--num-images", type=int, default=None, help="default: 96 (tiny), 64 (full)")
+    parser.add_argument("--batch-size", type=int, default=8, help="--size full: batch size of every stage")
+    parser.add_argument("--work-dir", default=None, help="where inputs/outputs go (default: a temp dir)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or tmp)
+        if args.size == "tiny":
+            result = bench_tiny(config_from_args(args), args.num_images or 96, work)
+        else:
+            args.num_images = args.num_images or 64
+            result = bench_full(args, work)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
