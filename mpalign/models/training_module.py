@@ -53,6 +53,17 @@ def tensor_to_pil(images: torch.Tensor, low: float = 0.0) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arrays]
 
 
+def diffusion_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet predicts, per the scheduler's ``prediction_type``: the noise, or the velocity."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction_type '{kind}' is not supported (epsilon or v_prediction)")
+
+
 def load_adapter_parts(adapter_dir: str | Path) -> tuple[MSAdapter, AlignmentProjectors | None]:
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "config.json").is_file():
@@ -139,7 +150,11 @@ class MPAlignTrainingModule(nn.Module):
     def load_adapter(self, adapter_dir: str | Path) -> None:
         """Load weights saved by :meth:`save_adapter` (or a converted checkpoint: then the projectors stay)."""
         adapter, projectors = load_adapter_parts(adapter_dir)
-        if dict(adapter.config) != dict(self.adapter.config):
+
+        def public(config) -> dict:  # the architecture, without bookkeeping entries such as _name_or_path
+            return {k: v for k, v in config.items() if not k.startswith("_")}
+
+        if public(adapter.config) != public(self.adapter.config):
             raise ValueError(f"the adapter in '{adapter_dir}' has another configuration than this model's")
         self.adapter.load_state_dict(adapter.state_dict())
         if projectors is not None:
@@ -275,10 +290,7 @@ class MPAlignTrainingModule(nn.Module):
         ).sample
         if recorder is not None:
             recorder.close()
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
         out = {"diffusion": F.mse_loss(prediction.float(), target.float())}
 
         zero = out["diffusion"].new_zeros(())
