@@ -20,6 +20,13 @@ class MetricsLogger(Protocol):
     def close(self) -> None: ...
 
 
+def scalar_tag(key: str) -> str:
+    """``val_diffusion`` -> ``val/diffusion``, ``objective`` -> ``val/objective``, ``loss`` -> ``train/loss``."""
+    if key.startswith("val_"):
+        return "val/" + key[len("val_"):]
+    return "val/objective" if key == "objective" else f"train/{key}"
+
+
 class NullLogger:
     def log_scalars(self, metrics: dict[str, float], step: int) -> None:
         pass
@@ -39,8 +46,7 @@ class TensorBoardLogger:
 
     def log_scalars(self, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
-            self.writer.add_scalar(key.replace("val_", "val/", 1) if key.startswith("val_") else f"train/{key}",
-                                   value, step)
+            self.writer.add_scalar(scalar_tag(key), value, step)
 
     def log_image(self, tag: str, image: Image.Image, step: int) -> None:
         import numpy as np
