@@ -128,15 +128,18 @@ class MSAdapter(ModelMixin, ConfigMixin):
         batch, num_subjects = subject_mask.shape
         if num_subjects > self.config.max_subjects:
             raise ValueError(f"{num_subjects} subjects, the adapter supports at most {self.config.max_subjects}")
-        dtype = self.dummy_tokens.dtype
-        tokens = torch.zeros(batch, self.config.max_subjects, self.config.num_tokens, self.config.cross_attention_dim,
-                             dtype=dtype, device=self.dummy_tokens.device)
-        real = torch.zeros(batch, self.config.max_subjects, dtype=torch.bool, device=tokens.device)
-        real[:, :num_subjects] = subject_mask.to(tokens.device, torch.bool)
-        if real.any():
-            live = subject_mask.to(tokens.device, torch.bool)
-            tokens[real] = self.resampler(
-                clip_hidden.to(tokens.device, dtype)[live], phrase_embeds.to(tokens.device, dtype)[live],
-                boxes.to(tokens.device, dtype)[live], None if drop_grounding is None else drop_grounding.to(tokens.device)[live],
+        device, dtype = self.dummy_tokens.device, self.dummy_tokens.dtype
+        live = subject_mask.to(device, torch.bool)
+        real = torch.zeros(batch, self.config.max_subjects, dtype=torch.bool, device=device)
+        real[:, :num_subjects] = live
+        shape = (batch, self.config.max_subjects, self.config.num_tokens, self.config.cross_attention_dim)
+        if live.any():
+            resampled = self.resampler(
+                clip_hidden.to(device, dtype)[live], phrase_embeds.to(device, dtype)[live], boxes.to(device, dtype)[live],
+                None if drop_grounding is None else drop_grounding.to(device)[live],
             )
-        return torch.cat((self.dummy_tokens.expand(batch, -1, -1), tokens.flatten(1, 2)), dim=1)
+            tokens = resampled.new_zeros(shape)  # the resampler's dtype: autocast may have lowered it
+            tokens[real] = resampled
+        else:
+            tokens = torch.zeros(shape, dtype=dtype, device=device)
+        return torch.cat((self.dummy_tokens.to(tokens.dtype).expand(batch, -1, -1), tokens.flatten(1, 2)), dim=1)
