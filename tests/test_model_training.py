@@ -174,11 +174,15 @@ def test_save_and_load_adapter_round_trip(module, batches, tmp_path):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     torch.testing.assert_close(reloaded.validation_losses(batches[0], 10), module.validation_losses(batches[0], 10))
+    # into a freshly initialised module, as a resumed run does
+    fresh = MPAlignTrainingModule.from_config(module.cfg)
     with torch.no_grad():
-        for p in reloaded.adapter.parameters():
+        for p in fresh.trainable_parameters():
             p.add_(1.0)
-    reloaded.load_adapter(tmp_path / "adapter")
-    assert all(torch.equal(p, q) for p, q in zip(reloaded.adapter.parameters(), module.adapter.parameters()))
+    fresh.load_adapter(tmp_path / "adapter")
+    for a, b in ((module.adapter, fresh.adapter), (module.projectors, fresh.projectors)):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not any(k.startswith("unet.") for k in fresh.state_dict())  # the UNet is registered once
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(module, batches):

@@ -72,6 +72,10 @@ class MSAdapter(ModelMixin, ConfigMixin):
                 processor.to_v_ip.weight.copy_(layer.to_v.weight)
         return adapter
 
+    def architecture(self) -> dict:
+        """The config's size fields (without diffusers' bookkeeping such as ``_name_or_path``)."""
+        return {k: v for k, v in self.config.items() if not k.startswith("_")}
+
     @property
     def num_image_tokens(self) -> int:
         return self.config.num_dummy_tokens + self.config.max_subjects * self.config.num_tokens

@@ -86,7 +86,6 @@ class MPAlignTrainingModule(nn.Module):
         self.sdxl = sdxl
         self.image_encoder = image_encoder
         self.dinov2 = dinov2
-        self.unet = sdxl.unet
         self.frozen = nn.ModuleList([sdxl.unet, sdxl.vae, sdxl.text_encoder, sdxl.text_encoder_2, image_encoder.model,
                                      dinov2.model])
         # Freeze before attaching: the processors become UNet submodules and must stay trainable.
@@ -150,12 +149,9 @@ class MPAlignTrainingModule(nn.Module):
     def load_adapter(self, adapter_dir: str | Path) -> None:
         """Load weights saved by :meth:`save_adapter` (or a converted checkpoint: then the projectors stay)."""
         adapter, projectors = load_adapter_parts(adapter_dir)
-
-        def public(config) -> dict:  # the architecture, without bookkeeping entries such as _name_or_path
-            return {k: v for k, v in config.items() if not k.startswith("_")}
-
-        if public(adapter.config) != public(self.adapter.config):
-            raise ValueError(f"the adapter in '{adapter_dir}' has another configuration than this model's")
+        if adapter.architecture() != self.adapter.architecture():
+            raise ValueError(f"the adapter in '{adapter_dir}' has other sizes than this model's: "
+                             f"{adapter.architecture()} vs {self.adapter.architecture()}")
         self.adapter.load_state_dict(adapter.state_dict())
         if projectors is not None:
             self.projectors.load_state_dict(projectors.state_dict())
@@ -163,6 +159,10 @@ class MPAlignTrainingModule(nn.Module):
     # ---------------------------------------------------------------------------------------------------------------
     # Conditions
     # ---------------------------------------------------------------------------------------------------------------
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.sdxl.unet  # registered once, in ``frozen``: a second registration would double the state dict
 
     @property
     def device(self) -> torch.device:
