@@ -3,6 +3,7 @@ objects, for the model tests: the real encoders on real (procedural) images, no 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,18 @@ from mpalign.config import SampleDataConfig
 from mpalign.sample_data import generate_sample_dataset
 
 CROP_SIZE = 64
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Two intra-op threads on two cores shared with other processes spin-wait for each other: a tiny training step
+    then takes seconds instead of ~0.15 s. One thread keeps the model tests' runtime predictable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass

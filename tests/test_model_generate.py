@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from model_batches import one_thread
 from PIL import Image
 from test_model_conversion import tiny_official_checkpoint
 
@@ -15,6 +16,12 @@ from mpalign.generate import main as generate_main
 from mpalign.pipeline import MPAlignPipeline, draw_boxes
 
 FAST = {"num_inference_steps": 2, "height": 64, "width": 64}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_batches import build_batch, sample_examples
+from model_batches import build_batch, one_thread, sample_examples
 
 from mpalign.config import load_config
 from mpalign.models.training_module import MPAlignTrainingModule
@@ -13,18 +13,13 @@ from mpalign.models.training_module import MPAlignTrainingModule
 STEPS = 120
 
 
-@pytest.fixture
-def one_thread():
-    """Two intra-op threads on two cores shared with other processes spin-wait for each other: a tiny step then takes
-    seconds instead of ~0.15 s. One thread keeps this test's runtime predictable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True)
+def single_thread():
+    with one_thread():
+        yield
 
 
-@pytest.mark.slow
-def test_training_lowers_diffusion_and_cross_alignment_losses(tmp_path, one_thread):
+def test_training_lowers_diffusion_and_cross_alignment_losses(tmp_path):
     cfg = load_config(overrides=["train.warmup_steps=0", "train.lr=1e-3", "train.seed=0"])
     module = MPAlignTrainingModule.from_config(cfg)
     examples = sample_examples(tmp_path, num_images=12)

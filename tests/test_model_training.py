@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from model_batches import build_batch, sample_examples
+from model_batches import build_batch, one_thread, sample_examples
 
 from mpalign.config import load_config
 from mpalign.models.alignment import (
@@ -19,6 +19,12 @@ from mpalign.models.alignment import (
     self_alignment_loss,
 )
 from mpalign.models.training_module import MPAlignTrainingModule, diffusion_target
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
