@@ -101,8 +101,9 @@ def assert_same_rows(left, right):
             if isinstance(a[key], bytes) and a[key].startswith(b"\x93NUMPY"):
                 x, y = unpack_array(a[key]), unpack_array(b[key])
                 assert x.dtype == y.dtype and x.shape == y.shape
-                np.testing.assert_allclose(x.astype(np.float64), y.astype(np.float64), rtol=1e-4, atol=1e-5,
-                                           err_msg=f"{a['id']}.{key}")
+                tol = 2 * float(np.finfo(x.dtype).eps) if x.dtype.kind == "f" else 0.0  # a rounding flip or two
+                np.testing.assert_allclose(x.astype(np.float64), y.astype(np.float64), rtol=max(tol, 1e-5),
+                                           atol=max(tol, 1e-5) * 0.1, err_msg=f"{a['id']}.{key}")
             else:
                 assert a[key] == b[key], (a["id"], key)
 
@@ -238,6 +239,15 @@ def test_an_interrupted_build_resumes_to_the_same_rows(built):
     # nothing left to do: a third run builds nothing and changes nothing
     assert build_dataset(built["cfg"], input=str(built["input"]), output=str(out),
                          log=lambda _: None)["shards"]["built_now"] == 0
+
+
+def test_the_ray_free_local_executor_builds_the_same_rows(built):
+    """The sequential loop the benchmark compares against (and the GPU machine without Ray runs) is the same builder."""
+    out = built["root"] / "local"
+    stats = build_dataset(built["cfg"], input=str(built["input"]), output=str(out), executor="local",
+                          log=lambda _: None)
+    assert stats["this_run"]["executor"] == "local" and stats["reject_reasons"] == built["stats"]["reject_reasons"]
+    assert_same_rows(_samples(out), _samples(built["out"]))
 
 
 def test_output_of_another_input_is_refused_without_overwrite(built, tmp_path):

@@ -226,3 +226,25 @@ def test_shards_keep_clips_together_and_splits_are_deterministic():
     splits = [split_of(f"id-{i}", 0.2) for i in range(2000)]
     assert splits == [split_of(f"id-{i}", 0.2) for i in range(2000)]
     assert 0.15 < splits.count("val") / len(splits) < 0.25
+
+
+# --- the documented format ----------------------------------------------------------------------------------------
+
+def _documented_columns(section: str) -> list[str]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "dataset.md").read_text()
+    table = text.split(f"### {section}\n", 1)[1].strip().split("\n\n", 1)[0]
+    names = []
+    for line in table.splitlines()[2:]:
+        cell = line.split("|")[1]
+        names += [c.strip(" `") for c in cell.split(",")]
+    return names
+
+
+def test_docs_describe_exactly_the_written_columns():
+    from mpalign.data.schema import REJECT_SCHEMA, sample_schema
+
+    everything_on = DataConfig(cache_dinov2_patch_grid=True)
+    assert _documented_columns("samples") == sample_schema(everything_on).names
+    assert _documented_columns("rejects") == REJECT_SCHEMA.names

@@ -239,6 +239,7 @@ class EncodeStage(Stage):
         for i, row in enumerate(rows):
             for key, values in out.items():
                 row[key] = pack_array(values[i])
+            row["image_rgb"] = None  # raw pixels end here: the PNG in "image" goes on to the driver
 
 
 STAGES = {cls.name: cls for cls in (DecodeStage, PhraseStage, DetectStage, SegmentStage, EncodeStage)}
