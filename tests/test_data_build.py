@@ -224,6 +224,7 @@ def test_ray_dataset_split_feeds_iter_torch_batches(built):
 
 
 def test_an_interrupted_build_resumes_to_the_same_rows(built):
+    """Also the determinism check: two separate runs over the same input and seed, batched differently."""
     out = built["root"] / "resumed"
     first = build_dataset(built["cfg"], input=str(built["input"]), output=str(out), max_shards=1, log=lambda _: None)
     total = first["shards"]["total"]

@@ -16,8 +16,9 @@ from mpalign.data.detection import box_passes_rules, detector_prompt, phrase_tok
 from mpalign.data.images import RejectRecord, decode_image
 from mpalign.data.pairs import match_subjects, reference_frames
 from mpalign.data.records import assign_shards, read_records, split_of
+from mpalign.data.schema import decode_png
 from mpalign.data.segmentation import BACKGROUND_FILL, background_filled_crop, clean_mask
-from mpalign.data.stages import DetectStage, Stage
+from mpalign.data.stages import DecodeStage, DetectStage, Stage
 
 # --- Hungarian matching -----------------------------------------------------------------------------------------
 
@@ -204,6 +205,9 @@ def test_read_records_from_jsonl_parquet_and_folder(tmp_path):
     pq.write_table(pa.table({"id": ["p"], "image": [_png((64, 64))], "caption": ["a ball"]}), tmp_path / "in.parquet")
     (parquet,) = read_records(tmp_path / "in.parquet")
     assert parquet["image_bytes"].startswith(b"\x89PNG") and parquet["reject_reason"] is None
+    (decoded,) = DecodeStage(load_config()).run([dict(parquet)])  # inline bytes decode like files do
+    assert decoded["reject_reason"] is None and decoded["image_bytes"] is None
+    assert decoded["original_size"] == [64, 64] and decode_png(decoded["image"]).shape == (128, 128, 3)
 
     folder = tmp_path / "imgs"
     (folder / "sub").mkdir(parents=True)
