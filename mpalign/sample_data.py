@@ -210,3 +210,31 @@ def ensure_sample_dataset(cfg: SampleDataConfig | None = None, out_dir: str | Pa
         generate_sample_dataset(out, cfg)
         stamp.write_text(wanted)
     return out / "records.jsonl"
+
+
+def write_sample_benchmark(out_path: str | Path, cfg: SampleDataConfig | None = None, limit: int = 8) -> Path:
+    """An evaluation file (the ``mpalign.evaluate --benchmark FILE`` format) from the sample records: each caption is
+    the prompt, its objects the subjects (the sample image as reference, the generator's boxes as layout). Lets the
+    demo evaluate on a machine without the real benchmark images."""
+    records_path = ensure_sample_dataset(cfg)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for rec in (json.loads(line) for line in records_path.read_text().splitlines()):
+        if rec["video_id"] is None and len(rows) < limit:
+            image = str((records_path.parent / rec["image"]).resolve())
+            rows.append({"id": rec["id"], "prompt": rec["caption"], "subject_images": [image] * len(rec["objects"]),
+                         "boxes": [o["box"] for o in rec["objects"]], "phrases": [o["phrase"] for o in rec["objects"]],
+                         "group": f"{len(rec['objects'])}-subject"})
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the embedded sample data, or an evaluation file made from it.")
+    parser.add_argument("out", help="output folder (records) or .jsonl path (with --benchmark)")
+    parser.add_argument("--benchmark", action="store_true", help="write an evaluation file instead of records")
+    args = parser.parse_args()
+    print(write_sample_benchmark(args.out) if args.benchmark else generate_sample_dataset(args.out))
