@@ -223,6 +223,7 @@ def test_ray_dataset_split_feeds_iter_torch_batches(built):
     assert set(batches[0]) == set(ALWAYS_KEYS) | set(CACHED_KEYS)
 
 
+@pytest.mark.slow
 def test_an_interrupted_build_resumes_to_the_same_rows(built):
     """Also the determinism check: two separate runs over the same input and seed, batched differently."""
     out = built["root"] / "resumed"
