@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from mpalign.config import ConfigError
 from mpalign.zoo import ModelLoadError

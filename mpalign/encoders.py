@@ -4,7 +4,7 @@ dataset carries no cache). Pure functions over loaded models: no Ray, no I/O.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -14,13 +14,7 @@ from transformers import BertTokenizer, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 # Words the procedural captions and the benchmark prompts use most; any other word still tokenizes byte by byte.
-TINY_WORDS = (
-    "a an the and of on in with at to by is are its near next beside under above behind front left right top bottom "
-    "red green blue yellow orange purple pink white black brown grey gray golden silver striped dotted checkered plain "
-    "ball cube cone ring star triangle cylinder heart diamond box bag toy dog cat bear car boot vase can candle clock "
-    "teapot sneaker sunglasses bowl backpack robot duck monster sloth plushie wolf floor wooden grass sky wall sand "
-    "water snow table room beach forest street city field background photo picture image scene"
-).split()
+TINY_WORDS = ["a", "an", "the", "and", "of", "on", "in", "with", "at", "to", "by", "is", "are", "its", "near", "next", "beside", "under", "above", "behind", "front", "left", "right", "top", "bottom", "red", "green", "blue", "yellow", "orange", "purple", "pink", "white", "black", "brown", "grey", "gray", "golden", "silver", "striped", "dotted", "checkered", "plain", "ball", "cube", "cone", "ring", "star", "triangle", "cylinder", "heart", "diamond", "box", "bag", "toy", "dog", "cat", "bear", "car", "boot", "vase", "can", "candle", "clock", "teapot", "sneaker", "sunglasses", "bowl", "backpack", "robot", "duck", "monster", "sloth", "plushie", "wolf", "floor", "wooden", "grass", "sky", "wall", "sand", "water", "snow", "table", "room", "beach", "forest", "street", "city", "field", "background", "photo", "picture", "image", "scene"]
 
 
 def _bpe_vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -68,7 +62,7 @@ def tiny_bert_tokenizer() -> BertTokenizer:
     letters = list("abcdefghijklmnopqrstuvwxyz0123456789") + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
     for slot, token in zip(free, punctuation + letters + list(dict.fromkeys(TINY_WORDS))):
         vocab[slot] = token
-    return BertTokenizer(vocab=dict((tok, i) for i, tok in enumerate(vocab)), do_lower_case=True)
+    return BertTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, do_lower_case=True)
 
 
 def tiny_bert_vocab_size() -> int:

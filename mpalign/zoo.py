@@ -51,7 +51,7 @@ def _pretrained(cls: Any, name: str, role: str, **kwargs: Any) -> Any:
     """``cls.from_pretrained`` with an error a user can act on when the weights are not there."""
     try:
         return cls.from_pretrained(name, local_files_only=_offline(), **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         sub = f" (subfolder '{kwargs['subfolder']}')" if kwargs.get("subfolder") else ""
         raise ModelLoadError(
             f"cannot load the {role} from '{name}'{sub}: {str(exc).splitlines()[0]}\n"
@@ -107,23 +107,23 @@ class SDXLComponents:
 def tiny_unet_config() -> dict[str, Any]:
     """SDXL's UNet layout in miniature: DownBlock2D then cross-attention down blocks, a cross-attention mid block,
     mirrored up blocks, text_time added conditioning; cross_attention_dim is the two text widths together."""
-    return dict(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        transformer_layers_per_block=(1, 1, 1),
-        attention_head_dim=(2, 4, 4),
-        cross_attention_dim=sum(TINY_TEXT_HIDDEN),
-        norm_num_groups=16,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TINY_TIME_EMBED,
-        projection_class_embeddings_input_dim=TINY_TEXT_PROJECTION + 6 * TINY_TIME_EMBED,
-    )
+    return {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": (32, 64, 64),
+        "layers_per_block": 1,
+        "transformer_layers_per_block": (1, 1, 1),
+        "attention_head_dim": (2, 4, 4),
+        "cross_attention_dim": sum(TINY_TEXT_HIDDEN),
+        "norm_num_groups": 16,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": TINY_TIME_EMBED,
+        "projection_class_embeddings_input_dim": TINY_TEXT_PROJECTION + 6 * TINY_TIME_EMBED,
+    }
 
 
 def _tiny_sdxl(seed: int) -> SDXLComponents:
@@ -296,8 +296,14 @@ def load_dinov2(cfg: ModelConfig, dtype=None, device=None, name: str | None = No
 
 
 def _tiny_grounding_dino(seed: int) -> EncoderWithProcessor:
-    from transformers import (BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+    from transformers import (
+        BertConfig,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
 
     from mpalign.tokenizers import tiny_bert_tokenizer, tiny_bert_vocab_size
 
@@ -336,8 +342,15 @@ def load_grounding_dino(cfg: ModelConfig, dtype=None, device=None) -> EncoderWit
 
 
 def _tiny_sam(seed: int) -> EncoderWithProcessor:
-    from transformers import (SamConfig, SamImageProcessor, SamMaskDecoderConfig, SamModel, SamProcessor,
-                              SamPromptEncoderConfig, SamVisionConfig)
+    from transformers import (
+        SamConfig,
+        SamImageProcessor,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
 
     image_size, patch = 128, 16
     vision = SamVisionConfig(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
@@ -439,9 +452,9 @@ def load_clip_model(cfg: ModelConfig, name: str, dtype=None, device=None) -> Enc
         tokenizer = tiny_clip_tokenizer()
         bos, eos = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
         vision = _tiny_clip_vision(cfg.seed).model.config
-        text = dict(vocab_size=tiny_clip_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos,
-                    pad_token_id=eos)
+        text = {"vocab_size": tiny_clip_vocab_size(), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "max_position_embeddings": 77, "bos_token_id": bos, "eos_token_id": eos,
+                    "pad_token_id": eos}
         config = CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=vision.projection_dim)
         with _seeded(cfg.seed + 50):
             model = CLIPModel(config)

@@ -60,7 +60,7 @@ def test_tiny_zoo_round_trips_through_from_pretrained(tmp_path, image):
     latents = encoders.vae_latents(a, encoders.images_to_tensor([image], 128))
     assert torch.equal(latents, encoders.vae_latents(b, encoders.images_to_tensor([image], 128)))
     time_ids = torch.tensor([[128.0, 128, 0, 0, 128, 128]])
-    kwargs = dict(encoder_hidden_states=ea, added_cond_kwargs={"text_embeds": pa, "time_ids": time_ids})
+    kwargs = {"encoder_hidden_states": ea, "added_cond_kwargs": {"text_embeds": pa, "time_ids": time_ids}}
     with torch.no_grad():
         assert torch.allclose(a.unet(latents, 10, **kwargs).sample, b.unet(latents, 10, **kwargs).sample, atol=1e-5)
     assert type(a.scheduler) is type(b.scheduler) and a.scheduler.config.beta_schedule == b.scheduler.config.beta_schedule
