@@ -379,6 +379,7 @@ def _end_of_step(cfg: Config, model: torch.nn.Module, state: TrainingState, step
                  world_size: int, device: torch.device, metrics_logger: Any, val_batches: list[dict[str, torch.Tensor]],
                  grid: ValidationGrid | None, resumed_from: int) -> None:
     """Log, validate, checkpoint and report to Ray Train as the schedule in ``cfg.train`` says for this step."""
+    import ray
     import ray.train
 
     train, step = cfg.train, state.step
@@ -390,7 +391,8 @@ def _end_of_step(cfg: Config, model: torch.nn.Module, state: TrainingState, step
     if not report_now:
         return
     metrics = _mean_across_workers(step_metrics, world_size, device)
-    metrics.update(step=step, epoch=state.position.epoch, resumed_from_step=resumed_from)
+    metrics.update(step=step, epoch=state.position.epoch, resumed_from_step=resumed_from,
+                   placement_group_id=ray.get_runtime_context().get_placement_group_id())  # see sweep.ReleaseStoppedTrials
     if validate_now and rank == 0:
         metrics.update(_validate(cfg, model, state, val_batches, grid, device, metrics_logger))
     if not checkpoint_now:

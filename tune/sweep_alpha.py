@@ -1,0 +1,43 @@
+"""Sweep alpha and the alignment layer sets (and lambda_self, loss extras) on Ray Tune with early stopping.
+
+    python tune/sweep_alpha.py --config CONFIG [--set key=value ...] [--resume | --overwrite]
+
+The search space, scheduler and per-trial resources come from the config's ``tune`` section; every trial trains with
+``mpalign.train``. Outputs in ``tune.output_dir``: results.csv (one row per trial), objective_vs_alpha.png and
+best_config.yaml (run it with ``python -m mpalign.train --config .../best_config.yaml``). See docs/sweeps.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from mpalign.cli import run_cli
+from mpalign.config import add_config_args, config_from_args
+from mpalign.sweep import run_sweep
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python tune/sweep_alpha.py", description=__doc__.split("\n\n")[0])
+    add_config_args(parser)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="restore the interrupted sweep in tune.output_dir")
+    group.add_argument("--overwrite", action="store_true", help="delete the sweep in tune.output_dir and start over")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    outcome = run_sweep(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
+    for row in outcome.rows:
+        flag = " (stopped early)" if row["early_stopped"] else ""
+        print(f"alpha={row['alpha']:<8g} layers={row['layer_set']:<12} lambda_self={row['lambda_self']:<4g} "
+              f"extras={row['loss_extras']:<10} objective={row['objective']:.5f} step={row['step']}{flag}")
+    print(f"results: {outcome.results_csv}\nplot: {outcome.plot_png}")
+    if outcome.best_yaml:
+        print(f"best: alpha={outcome.best['alpha']:g} layers={outcome.best['layer_set']} -> {outcome.best_yaml}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
