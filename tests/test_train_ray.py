@@ -100,6 +100,22 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_from_the_last_checkpoi
     assert (outcome.adapter_dir / "config.json").is_file()
 
 
+def test_deepspeed_zero2_trains_checkpoints_and_resumes_on_cpu(dataset, tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra (pip install 'mpalign[deepspeed]') "
+                                            "and is not installed: the ZeRO-2 strategy is not exercised")
+    from mpalign.train import run_training
+    from mpalign.training.checkpoint import DEEPSPEED_DIR
+
+    cfg = train_config(dataset, tmp_path / "train", "train.strategy=deepspeed", "train.num_workers=2",
+                       "train.max_steps=4", "train.checkpoint_every=2")
+    assert run_training(cfg).metrics["step"] == 4
+    newest = checkpoints(tmp_path / "train")[-1]
+    assert (newest / DEEPSPEED_DIR).is_dir() and (newest / ADAPTER_DIR / "config.json").is_file()
+    cfg.train.max_steps = 6
+    outcome = run_training(cfg, resume=True)
+    assert outcome.metrics["resumed_from_step"] == 4 and outcome.metrics["step"] == 6
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # As a user would: ray start --head, ray job submit, stop that head
 # --------------------------------------------------------------------------------------------------------------------
