@@ -145,6 +145,7 @@ def load_datasets(cfg: Config) -> dict[str, Any]:
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # deterministic epochs (checkpoint data-position semantics)
+    context.enable_progress_bars = False  # every epoch of every worker would draw its own; training prints steps
     uri = dataset_samples_uri(cfg)
     samples = ray.data.read_parquet(uri)
     size_gb = _stored_bytes(uri) / 2**30
@@ -395,12 +396,25 @@ def _end_of_step(cfg: Config, model: torch.nn.Module, state: TrainingState, step
                    placement_group_id=ray.get_runtime_context().get_placement_group_id())  # see sweep.ReleaseStoppedTrials
     if validate_now and rank == 0:
         metrics.update(_validate(cfg, model, state, val_batches, grid, device, metrics_logger))
+    if rank == 0:
+        logger.info(progress_line(metrics, train.max_steps))  # Ray Train routes worker logs to the driver
     if not checkpoint_now:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="mpalign-ckpt-") as directory:
         save_checkpoint(directory, model, state, rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def progress_line(metrics: dict[str, Any], max_steps: int) -> str:
+    """One line per report on the driver's console: the main loss terms, then validation when it ran."""
+    parts = [f"step {metrics['step']}/{max_steps}"]
+    parts += [f"{key} {metrics[key]:.4g}" for key in ("loss", "diffusion", "cross", "self", "alpha", "lr")
+              if key in metrics]
+    parts.append(f"{metrics['img_per_s']:.1f} img/s")
+    if "objective" in metrics:
+        parts.append(f"| val objective {metrics['objective']:.4g} cos_cross {metrics.get('val_cos_cross', 0):.3f}")
+    return "  ".join(parts)
 
 
 def _validate(cfg: Config, model: torch.nn.Module, state: TrainingState, val_batches: list[dict[str, torch.Tensor]],
