@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from model_batches import build_batch, sample_examples
+from model_batches import build_batch, one_thread, sample_examples
 
 from mpalign.config import REPO_ROOT, load_config
 from mpalign.models.training_module import MPAlignTrainingModule
@@ -51,6 +51,12 @@ def step(module: MPAlignTrainingModule, state: TrainingState, batch: dict, **kwa
                          ema=state.ema, generator=state.generator, **kwargs)
     state.step += 1
     return metrics
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
