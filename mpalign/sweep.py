@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import logging
 import math
 import shutil
@@ -26,6 +27,7 @@ from mpalign.config import Config, ConfigError, config_from_dict
 logger = logging.getLogger("mpalign.sweep")
 
 EXPERIMENT = "sweep"
+TRIALS = "trials"
 BLOCKS = ("down", "mid", "up")
 EXTRAS = ("attn", "disentangle")
 RESULTS_CSV = "results.csv"
@@ -124,7 +126,7 @@ def sweep_trial(params: dict[str, Any], base_config: dict[str, Any]) -> None:
     from mpalign.train import run_training
 
     base = config_from_dict(base_config)
-    trial_dir = Path(base.tune.output_dir) / "trials" / tune.get_context().get_trial_id()
+    trial_dir = Path(base.tune.output_dir) / TRIALS / tune.get_context().get_trial_id()
     cfg = trial_training_config(base, params, str(trial_dir))
     run_training(cfg, resume=True, callbacks=[TuneReportCallback()])
 
@@ -150,32 +152,41 @@ def _scheduler(cfg: Config):
                          reduction_factor=cfg.tune.reduction_factor)
 
 
-class ReleaseStoppedTrials(Callback):
-    """Remove the placement group of a trial's Ray Train workers once the trial is over.
+TRIAL_END = "trial_end.json"
 
-    A trial that the scheduler stops early is killed by Tune in the middle of training; its Ray Train controller
-    dies with it and leaves its workers' placement group behind. Ray Train's own cleaner notices dead controllers
-    through the dashboard's state API, which Ray started without a dashboard does not have: there, every stopped
-    trial would hold its workers' CPUs/GPUs until the sweep ends, starving the trials after it. The workers report
-    their placement group (``placement_group_id``) so the driver can release it."""
 
-    def _release(self, trial: Any) -> None:
+class TrialEnds(Callback):
+    """Runs in the sweep's driver when a trial ends: records how (``trial_end.json`` in the trial's folder: finished —
+    by itself or stopped by the scheduler — or error; it survives ``Tuner.restore``, unlike Tune's in-memory trial
+    state) and releases the placement group of the trial's Ray Train workers.
+
+    A trial that the scheduler stops early is killed by Tune in the middle of training; its Ray Train controller dies
+    with it and leaves its workers' placement group behind. Ray Train's own cleaner notices dead controllers through
+    the dashboard's state API, which a Ray started without a dashboard does not have: there, every stopped trial would
+    hold its workers' CPUs/GPUs until the sweep ends, starving the trials after it. The workers report their
+    placement group (``placement_group_id``) so the driver can release it."""
+
+    def __init__(self, trials_dir: str):
+        self.trials_dir = trials_dir
+
+    def _ended(self, trial: Any, status: str) -> None:
         import ray
         from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+        folder = Path(self.trials_dir) / trial.trial_id
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / TRIAL_END).write_text(json.dumps({"status": status}))
         pg_id = (trial.last_result or {}).get("placement_group_id")
-        if not pg_id:
-            return
-        info = ray.util.placement_group_table().get(pg_id)
+        info = ray.util.placement_group_table().get(pg_id) if pg_id else None
         if info and info["state"] != "REMOVED":
             remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
-            logger.info("released the workers of stopped trial %s", trial.trial_id)
+            logger.info("released the workers of trial %s", trial.trial_id)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._release(trial)
+        self._ended(trial, "finished")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._release(trial)
+        self._ended(trial, "error")
 
 
 @dataclass
@@ -186,6 +197,14 @@ class SweepOutcome:
     results_csv: Path
     plot_png: Path
     best_yaml: Path | None
+    expected_trials: int
+
+
+def expected_trials(cfg: Config) -> int:
+    """How many trials the search space makes: the grid's product, times ``num_samples``."""
+    space = cfg.tune
+    alphas = len(space.alphas) if space.alpha_search == "grid" else 1
+    return alphas * len(space.layer_sets) * len(space.lambda_self) * len(space.loss_extras) * space.num_samples
 
 
 def _absolute_paths(cfg: Config) -> Config:
@@ -215,7 +234,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
             raise UserInputError(f"'{experiment}' already holds a sweep: pass --resume to finish it, --overwrite to "
                                  f"start over, or set tune.output_dir to another folder")
         shutil.rmtree(experiment)
-        shutil.rmtree(out / "trials", ignore_errors=True)
+        shutil.rmtree(out / TRIALS, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
     if not ray.is_initialized():
@@ -231,7 +250,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
             tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=_scheduler(cfg),
                                         num_samples=cfg.tune.num_samples,
                                         max_concurrent_trials=cfg.tune.max_concurrent_trials),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), callbacks=[ReleaseStoppedTrials()]),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), callbacks=[TrialEnds(str(out / TRIALS))]),
         )
     grid = tuner.fit()
     rows = result_rows(grid, cfg)
@@ -239,27 +258,31 @@ def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
     plot_png = plot_objective(rows, out / PLOT_PNG, cfg.tune.metric)
     best = best_row(rows, cfg.tune.mode)
     best_yaml = write_best_config(cfg, best, out / BEST_YAML) if best else None
-    return SweepOutcome(out, rows, best, results_csv, plot_png, best_yaml)
+    return SweepOutcome(out, rows, best, results_csv, plot_png, best_yaml, expected_trials(cfg))
 
 
 def result_rows(grid: Any, cfg: Config) -> list[dict[str, Any]]:
-    """One row per trial. ``early_stopped``: the scheduler ended the trial before ``train.max_steps`` (no error)."""
+    """One row per trial. ``status``: finished (the trial ended by itself or the scheduler stopped it), error, or
+    unfinished (the sweep was interrupted first); ``early_stopped``: finished before ``train.max_steps``."""
     rows = []
     for result in grid:
         params, metrics = result.config, result.metrics or {}
+        trial_id = str(metrics.get("trial_id", ""))  # "" for a trial that never reported (interrupted before)
+        folder = Path(cfg.tune.output_dir) / TRIALS / trial_id
+        end = folder / TRIAL_END
+        ended = json.loads(end.read_text())["status"] if trial_id and end.is_file() else "unfinished"
+        status = "error" if result.error else ended
         step = int(metrics.get("step", 0))
-        status = "error" if result.error else "finished"
         rows.append({
-            "trial_id": metrics.get("trial_id", Path(result.path).name),
-            "alpha": float(params["alpha"]), "layer_set": params["layer_set"],
+            "trial_id": trial_id, "alpha": float(params["alpha"]), "layer_set": params["layer_set"],
             "lambda_self": float(params["lambda_self"]), "loss_extras": params["loss_extras"],
             "objective": metrics.get(cfg.tune.metric, float("nan")), "step": step,
             "max_steps": cfg.train.max_steps,
-            "early_stopped": not result.error and step < cfg.train.max_steps,
+            "early_stopped": status == "finished" and step < cfg.train.max_steps,
             "status": status,
             "val_cos_cross": metrics.get("val_cos_cross", float("nan")),
             "val_cos_self": metrics.get("val_cos_self", float("nan")),
-            "output_dir": str(Path(cfg.tune.output_dir) / "trials" / str(metrics.get("trial_id", ""))),
+            "output_dir": str(folder) if trial_id else "",
         })
     rows.sort(key=lambda r: (r["layer_set"], r["loss_extras"], r["lambda_self"], r["alpha"]))
     return rows

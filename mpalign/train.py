@@ -393,7 +393,7 @@ def _end_of_step(cfg: Config, model: torch.nn.Module, state: TrainingState, step
         return
     metrics = _mean_across_workers(step_metrics, world_size, device)
     metrics.update(step=step, epoch=state.position.epoch, resumed_from_step=resumed_from,
-                   placement_group_id=ray.get_runtime_context().get_placement_group_id())  # see sweep.ReleaseStoppedTrials
+                   placement_group_id=ray.get_runtime_context().get_placement_group_id())  # see sweep.TrialEnds
     if validate_now and rank == 0:
         metrics.update(_validate(cfg, model, state, val_batches, grid, device, metrics_logger))
     if rank == 0:

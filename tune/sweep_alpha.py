@@ -30,10 +30,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     outcome = run_sweep(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     for row in outcome.rows:
-        flag = " (stopped early)" if row["early_stopped"] else ""
+        flag = " (stopped early)" if row["early_stopped"] else "" if row["status"] == "finished" else f" ({row['status']})"
         print(f"alpha={row['alpha']:<8g} layers={row['layer_set']:<12} lambda_self={row['lambda_self']:<4g} "
               f"extras={row['loss_extras']:<10} objective={row['objective']:.5f} step={row['step']}{flag}")
     print(f"results: {outcome.results_csv}\nplot: {outcome.plot_png}")
+    if any(row["status"] == "unfinished" for row in outcome.rows) or len(outcome.rows) < outcome.expected_trials:
+        print("the sweep was interrupted before every trial finished: run the same command with --resume")
     if outcome.best_yaml:
         print(f"best: alpha={outcome.best['alpha']:g} layers={outcome.best['layer_set']} -> {outcome.best_yaml}")
     return 0
