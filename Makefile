@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= outputs/demo
 PYTEST_ARGS ?=
+# Optional extras to install with the project (CI adds deepspeed so the ZeRO-2 test runs rather than skips).
+EXTRAS ?= dev
 
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
@@ -19,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
 # The whole pipeline on the tiny preset, each step the command a user would run: zoo check, dataset build (sample
