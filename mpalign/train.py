@@ -321,9 +321,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             load_checkpoint(directory, model, state, rank, train.seed)
-    resumed_from = state.step
 
-    metrics_logger = (make_logger(train.logger, train.output_dir, RUN_NAME, {"config": loop_config["config"]})
+    metrics_logger = (make_logger(train.logger, train.output_dir, RUN_NAME, loop_config["config"])
                       if rank == 0 else NullLogger())
 
     collate = RowsCollateFn(cfg)
@@ -338,6 +337,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_examples = [ValidationExample(**e) for e in loop_config["val_examples"]]
     grid = ValidationGrid(cfg, val_examples, device) if rank == 0 and val_examples else None
     train_shard = ray.train.get_dataset_shard("train")
+    reporter = StepReporter(cfg, model, state, rank, world_size, device, metrics_logger, val_batches, grid)
 
     images_per_step = rows_per_step * world_size
     last_time = time.perf_counter()
@@ -363,8 +363,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             last_time = now
             if device.type == "cuda":
                 step_metrics["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            _end_of_step(cfg, model, state, step_metrics, rank, world_size, device, metrics_logger, val_batches,
-                         grid, resumed_from)
+            reporter.end_of_step(step_metrics)
             last_time = time.perf_counter()  # reporting, validation and checkpoints are not step time
             if state.step >= train.max_steps:
                 break
@@ -376,34 +375,59 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     metrics_logger.close()
 
 
-def _end_of_step(cfg: Config, model: torch.nn.Module, state: TrainingState, step_metrics: dict[str, float], rank: int,
-                 world_size: int, device: torch.device, metrics_logger: Any, val_batches: list[dict[str, torch.Tensor]],
-                 grid: ValidationGrid | None, resumed_from: int) -> None:
-    """Log, validate, checkpoint and report to Ray Train as the schedule in ``cfg.train`` says for this step."""
-    import ray
-    import ray.train
+class StepReporter:
+    """What happens after each step on one worker: TensorBoard/MLflow (rank 0, every step), and on the report
+    schedule of ``cfg.train``: validation (rank 0), a checkpoint, and one Ray Train report carrying the mean of every
+    step metric since the previous report, averaged over workers."""
 
-    train, step = cfg.train, state.step
-    last = step >= train.max_steps
-    checkpoint_now = step % train.checkpoint_every == 0 or last
-    validate_now = train.val_every > 0 and (step % train.val_every == 0 or last)
-    report_now = step % train.log_every == 0 or checkpoint_now or validate_now
-    metrics_logger.log_scalars(step_metrics, step)
-    if not report_now:
-        return
-    metrics = _mean_across_workers(step_metrics, world_size, device)
-    metrics.update(step=step, epoch=state.position.epoch, resumed_from_step=resumed_from,
-                   placement_group_id=ray.get_runtime_context().get_placement_group_id())  # see sweep.TrialEnds
-    if validate_now and rank == 0:
-        metrics.update(_validate(cfg, model, state, val_batches, grid, device, metrics_logger))
-    if rank == 0:
-        logger.info(progress_line(metrics, train.max_steps))  # Ray Train routes worker logs to the driver
-    if not checkpoint_now:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="mpalign-ckpt-") as directory:
-        save_checkpoint(directory, model, state, rank)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    def __init__(self, cfg: Config, model: torch.nn.Module, state: TrainingState, rank: int, world_size: int,
+                 device: torch.device, metrics_logger: Any, val_batches: list[dict[str, torch.Tensor]],
+                 grid: ValidationGrid | None):
+        self.cfg, self.model, self.state = cfg, model, state
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.metrics_logger, self.val_batches, self.grid = metrics_logger, val_batches, grid
+        self.resumed_from = state.step
+        self.window: dict[str, list[float]] = {}
+
+    def end_of_step(self, step_metrics: dict[str, float]) -> None:
+        import ray
+        import ray.train
+
+        train, step = self.cfg.train, self.state.step
+        self.metrics_logger.log_scalars(step_metrics, step)
+        for key, value in step_metrics.items():
+            self.window.setdefault(key, []).append(value)
+        last = step >= train.max_steps
+        checkpoint_now = step % train.checkpoint_every == 0 or last
+        validate_now = train.val_every > 0 and (step % train.val_every == 0 or last)
+        if not (step % train.log_every == 0 or checkpoint_now or validate_now):
+            return
+        window_mean = {key: sum(values) / len(values) for key, values in self.window.items()}
+        self.window = {}
+        metrics: dict[str, Any] = _mean_across_workers(window_mean, self.world_size, self.device)
+        metrics.update(step=step, epoch=self.state.position.epoch, resumed_from_step=self.resumed_from,
+                       placement_group_id=ray.get_runtime_context().get_placement_group_id())  # see sweep.TrialEnds
+        if validate_now and self.rank == 0:
+            metrics.update(self._validate())
+        if self.rank == 0:
+            logger.info(progress_line(metrics, train.max_steps))  # Ray Train routes worker logs to the driver
+        if not checkpoint_now:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="mpalign-ckpt-") as directory:
+            save_checkpoint(directory, self.model, self.state, self.rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    def _validate(self) -> dict[str, float]:
+        module, step = unwrap(self.model), self.state.step
+        metrics = validation_metrics(module, self.val_batches, step, seed=self.cfg.train.seed, device=self.device)
+        self.metrics_logger.log_scalars(metrics, step)
+        if self.grid is not None:
+            with tempfile.TemporaryDirectory(prefix="mpalign-val-") as directory, ema_weights(module, self.state.ema):
+                image = self.grid.render(module.save_adapter(directory))
+            save_grid(image, Path(self.cfg.train.output_dir) / "validation", step)
+            self.metrics_logger.log_image("val/generations", image, step)
+        return metrics
 
 
 def progress_line(metrics: dict[str, Any], max_steps: int) -> str:
@@ -415,19 +439,6 @@ def progress_line(metrics: dict[str, Any], max_steps: int) -> str:
     if "objective" in metrics:
         parts.append(f"| val objective {metrics['objective']:.4g} cos_cross {metrics.get('val_cos_cross', 0):.3f}")
     return "  ".join(parts)
-
-
-def _validate(cfg: Config, model: torch.nn.Module, state: TrainingState, val_batches: list[dict[str, torch.Tensor]],
-              grid: ValidationGrid | None, device: torch.device, metrics_logger: Any) -> dict[str, float]:
-    module = unwrap(model)
-    metrics = validation_metrics(module, val_batches, state.step, seed=cfg.train.seed, device=device)
-    metrics_logger.log_scalars(metrics, state.step)
-    if grid is not None:
-        with tempfile.TemporaryDirectory(prefix="mpalign-val-") as directory, ema_weights(module, state.ema):
-            image = grid.render(module.save_adapter(directory))
-        save_grid(image, Path(cfg.train.output_dir) / "validation", state.step)
-        metrics_logger.log_image("val/generations", image, state.step)
-    return metrics
 
 
 # --------------------------------------------------------------------------------------------------------------------

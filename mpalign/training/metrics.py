@@ -65,7 +65,7 @@ class MLflowLogger:
 
         self.mlflow = mlflow
         self.run = mlflow.start_run(run_name=run_name)
-        mlflow.log_params({k: str(v)[:250] for k, v in params.items()})
+        mlflow.log_params({k: str(v)[:500] for k, v in _flatten(params).items()})
 
     def log_scalars(self, metrics: dict[str, float], step: int) -> None:
         self.mlflow.log_metrics(metrics, step=step)
@@ -75,6 +75,15 @@ class MLflowLogger:
 
     def close(self) -> None:
         self.mlflow.end_run()
+
+
+def _flatten(tree: dict[str, object], prefix: str = "") -> dict[str, object]:
+    """``{"train": {"lr": 1e-4}}`` -> ``{"train.lr": 1e-4}``: one MLflow parameter per config key."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        flat.update(_flatten(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return flat
 
 
 def check_logger(kind: str) -> None:
