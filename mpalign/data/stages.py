@@ -9,6 +9,7 @@ costs only itself (``stage_error``), never its batch or the job.
 
 from __future__ import annotations
 
+import abc
 import time
 from typing import Any
 
@@ -52,7 +53,7 @@ def _keep(row: dict[str, Any], keep: list[int], *columns: str) -> None:
         row[column] = [row[column][i] for i in keep]
 
 
-class Stage:
+class Stage(abc.ABC):
     """Runs ``process`` on the batch's live rows, isolates failures, and stamps the time it took."""
 
     name = ""
@@ -60,8 +61,9 @@ class Stage:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
 
+    @abc.abstractmethod
     def process(self, rows: list[dict[str, Any]]) -> None:
-        raise NotImplementedError
+        """Fill in (or reject) the stage's columns of ``rows`` in place."""
 
     def _process_one(self, row: dict[str, Any]) -> None:
         try:
