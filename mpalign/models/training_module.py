@@ -215,10 +215,13 @@ class MPAlignTrainingModule(nn.Module):
                 cond[key] = batch[key]
         if "dino_cls" not in cond or "dino_ref_patch_pooled" not in cond:
             references = batch["reference_pixels"] if references is None else references
-            cls_tokens = self._per_subject(references, subject_mask, lambda px: encoders.dinov2_features(
-                self.dinov2, tensor_to_pil(px))[0])
-            ref_pooled = self._per_subject(references, subject_mask, lambda px: encoders.dinov2_features(
-                self.dinov2, tensor_to_pil(px))[1].mean(1))
+
+            def cls_and_pooled(px: torch.Tensor) -> torch.Tensor:
+                """One DINOv2 pass gives both targets: CLS and mean patch token, side by side."""
+                cls, patches = encoders.dinov2_features(self.dinov2, tensor_to_pil(px))
+                return torch.cat((cls, patches.mean(1)), dim=-1)
+
+            cls_tokens, ref_pooled = self._per_subject(references, subject_mask, cls_and_pooled).chunk(2, dim=-1)
             cond.setdefault("dino_cls", cls_tokens)
             cond.setdefault("dino_ref_patch_pooled", ref_pooled)
         if "dino_patch_pooled" in batch:
