@@ -157,30 +157,6 @@ def _tiny_sdxl(seed: int) -> SDXLComponents:
     return SDXLComponents(unet, vae, text_encoder, text_encoder_2, tokenizer, tiny_clip_tokenizer(), scheduler)
 
 
-def load_sdxl(cfg: ModelConfig, dtype: str | torch.dtype | None = None, device: str | None = None) -> SDXLComponents:
-    """The SDXL parts: from a diffusers repo id / folder (subfolders unet, vae, text_encoder, ...) or the tiny preset."""
-    _check_preset(cfg)
-    if cfg.preset == "tiny":
-        parts = _tiny_sdxl(cfg.seed)
-    else:
-        from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        name = cfg.sdxl
-        parts = SDXLComponents(
-            unet=_pretrained(UNet2DConditionModel, name, "SDXL UNet", subfolder="unet"),
-            vae=_pretrained(AutoencoderKL, name, "SDXL VAE", subfolder="vae"),
-            text_encoder=_pretrained(CLIPTextModel, name, "SDXL text encoder", subfolder="text_encoder"),
-            text_encoder_2=_pretrained(CLIPTextModelWithProjection, name, "SDXL text encoder 2", subfolder="text_encoder_2"),
-            tokenizer=_pretrained(CLIPTokenizer, name, "SDXL tokenizer", subfolder="tokenizer"),
-            tokenizer_2=_pretrained(CLIPTokenizer, name, "SDXL tokenizer 2", subfolder="tokenizer_2"),
-            scheduler=_pretrained(EulerDiscreteScheduler, name, "SDXL noise scheduler", subfolder="scheduler"),
-        )
-    for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
-        _place(module, cfg, dtype, device).requires_grad_(False)
-    return parts
-
-
 def load_sdxl_tokenizers(cfg: ModelConfig) -> tuple[Any, Any]:
     """Only SDXL's two tokenizers: data collation needs token ids, not the 2.6B-parameter UNet."""
     _check_preset(cfg)
@@ -194,30 +170,45 @@ def load_sdxl_tokenizers(cfg: ModelConfig) -> tuple[Any, Any]:
             _pretrained(CLIPTokenizer, cfg.sdxl, "SDXL tokenizer 2", subfolder="tokenizer_2"))
 
 
-def load_sdxl_encoders(cfg: ModelConfig, dtype: str | torch.dtype | None = None,
-                       device: str | None = None) -> SDXLComponents:
-    """SDXL's VAE, text encoders and tokenizers without the UNet (``unet`` and ``scheduler`` are None): what the
-    dataset builder needs to cache latents and text conditioning, at a fraction of the memory."""
+def _load_sdxl_parts(cfg: ModelConfig, dtype: str | torch.dtype | None, device: str | None,
+                     with_unet: bool) -> SDXLComponents:
     _check_preset(cfg)
     if cfg.preset == "tiny":
-        parts = _tiny_sdxl(cfg.seed)
+        parts = _tiny_sdxl(cfg.seed)  # the tiny UNet costs nothing to build; dropped below when not wanted
     else:
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         name = cfg.sdxl
         tokenizer, tokenizer_2 = load_sdxl_tokenizers(cfg)
         parts = SDXLComponents(
-            unet=None,
+            unet=_pretrained(UNet2DConditionModel, name, "SDXL UNet", subfolder="unet") if with_unet else None,
             vae=_pretrained(AutoencoderKL, name, "SDXL VAE", subfolder="vae"),
             text_encoder=_pretrained(CLIPTextModel, name, "SDXL text encoder", subfolder="text_encoder"),
             text_encoder_2=_pretrained(CLIPTextModelWithProjection, name, "SDXL text encoder 2", subfolder="text_encoder_2"),
-            tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=None,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            scheduler=(_pretrained(EulerDiscreteScheduler, name, "SDXL noise scheduler", subfolder="scheduler")
+                       if with_unet else None),
         )
-    parts.unet, parts.scheduler = None, None
-    for module in (parts.vae, parts.text_encoder, parts.text_encoder_2):
-        _place(module, cfg, dtype, device).requires_grad_(False)
+    if not with_unet:
+        parts.unet, parts.scheduler = None, None
+    for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
+        if module is not None:
+            _place(module, cfg, dtype, device).requires_grad_(False)
     return parts
+
+
+def load_sdxl(cfg: ModelConfig, dtype: str | torch.dtype | None = None, device: str | None = None) -> SDXLComponents:
+    """The SDXL parts: from a diffusers repo id / folder (subfolders unet, vae, text_encoder, ...) or the tiny preset."""
+    return _load_sdxl_parts(cfg, dtype, device, with_unet=True)
+
+
+def load_sdxl_encoders(cfg: ModelConfig, dtype: str | torch.dtype | None = None,
+                       device: str | None = None) -> SDXLComponents:
+    """SDXL's VAE, text encoders and tokenizers without the UNet (``unet`` and ``scheduler`` are None): what the
+    dataset builder needs to cache latents and text conditioning, at a fraction of the memory."""
+    return _load_sdxl_parts(cfg, dtype, device, with_unet=False)
 
 
 # --------------------------------------------------------------------------------------------------------------------
