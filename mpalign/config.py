@@ -44,10 +44,10 @@ class SampleDataConfig:
 
 @dataclass
 class StageConfig:
-    """Ray Data execution settings of one dataset-building stage."""
+    """Ray Data execution settings of one actor pool of the dataset builder (a stage, or the whole chain)."""
 
     batch_size: int = 8
-    concurrency: int = 1
+    concurrency: int = 0  # actors; 0 = 1 for a single stage, as many as the cluster's CPUs/GPUs fit for the chain
     num_cpus: float = 1.0
     num_gpus: float = 0.0
 
@@ -80,7 +80,12 @@ class DataConfig:
     cache_text: bool = True
     rows_per_shard: int = 64
     val_fraction: float = 0.1
-    stages: dict[str, StageConfig] = field(default_factory=dict)
+    # How the Ray pipeline maps stages to actor pools: "per_stage" (one pool per stage, so CPU stages overlap GPU
+    # ones), "chain" (every actor runs all stages in turn: on CPUs only, where all stages share the same cores, this
+    # saves four hand-offs between processes), "auto" (per_stage when the cluster has GPUs or a stage asks for one,
+    # chain otherwise). In the chain, data.stages.<name>.batch_size still sizes each stage's slices.
+    stage_layout: str = "auto"
+    stages: dict[str, StageConfig] = field(default_factory=dict)  # keyed by stage name, or "chain"
 
 
 @dataclass

@@ -18,6 +18,7 @@ from mpalign.config import SampleDataConfig, load_config
 from mpalign.data.build import build_dataset, shard_name
 from mpalign.data.collate import RowsCollateFn, load_dataset_split, rows_to_batch
 from mpalign.data.schema import REJECT_REASONS, REJECT_SCHEMA, decode_png, sample_schema, unpack_array
+from mpalign.data.stages import STAGE_NAMES
 from mpalign.sample_data import generate_sample_dataset
 
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -265,3 +266,15 @@ def test_cli_reports_user_mistakes_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: input") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_one_actor_pool_per_stage_builds_the_same_rows(built):
+    """The default on a CPU-only Ray is one pool of actors running the whole chain; per-stage pools (the GPU layout)
+    must give the same dataset."""
+    assert list(built["stats"]["this_run"]["actor_pools"]) == ["+".join(STAGE_NAMES)]
+    cfg = load_config(overrides=OVERRIDES + ["data.stage_layout=per_stage"])
+    out = built["root"] / "per-stage"
+    stats = build_dataset(cfg, input=str(built["input"]), output=str(out), log=lambda _: None)
+    assert list(stats["this_run"]["actor_pools"]) == list(STAGE_NAMES)
+    assert stats["reject_reasons"] == built["stats"]["reject_reasons"]
+    assert_same_rows(_samples(out), _samples(built["out"]))

@@ -11,14 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mpalign.config import DataConfig, load_config
+from mpalign.config import ConfigError, DataConfig, load_config
+from mpalign.data.build import actor_pools
 from mpalign.data.detection import box_passes_rules, detector_prompt, phrase_token_spans, select_boxes
 from mpalign.data.images import RejectRecord, decode_image
 from mpalign.data.pairs import match_subjects, reference_frames
 from mpalign.data.records import assign_shards, read_records, split_of
 from mpalign.data.schema import decode_png
 from mpalign.data.segmentation import BACKGROUND_FILL, background_filled_crop, clean_mask
-from mpalign.data.stages import DecodeStage, DetectStage, Stage
+from mpalign.data.stages import STAGE_NAMES, DecodeStage, DetectStage, Stage
 
 # --- Hungarian matching -----------------------------------------------------------------------------------------
 
@@ -252,3 +253,35 @@ def test_docs_describe_exactly_the_written_columns():
     everything_on = DataConfig(cache_dinov2_patch_grid=True)
     assert _documented_columns("samples") == sample_schema(everything_on).names
     assert _documented_columns("rejects") == REJECT_SCHEMA.names
+
+
+def _pools(overrides, cluster):
+    return [(names, vars(s)) for names, s in actor_pools(load_config(overrides=overrides), cluster)]
+
+
+def test_auto_layout_chains_every_stage_on_cpus_and_splits_them_on_gpus():
+    cpu_only = _pools([], {"CPU": 2.0})
+    assert cpu_only == [(STAGE_NAMES, {"batch_size": 8, "concurrency": 2, "num_cpus": 1.0, "num_gpus": 0.0})]
+    gpu = _pools(["data.stages.encode.num_gpus=1", "data.stages.encode.concurrency=2"], {"CPU": 16.0, "GPU": 2.0})
+    assert [names for names, _ in gpu] == [(name,) for name in STAGE_NAMES]
+    assert [s["concurrency"] for _, s in gpu] == [1, 1, 1, 1, 2] and gpu[-1][1]["num_gpus"] == 1.0
+
+
+def test_pools_are_scaled_down_to_fit_the_cluster():
+    per_stage = _pools(["data.stage_layout=per_stage"], {"CPU": 2.0})
+    assert [s["num_cpus"] for _, s in per_stage] == pytest.approx([0.4] * 5)  # five 1-CPU actors on two cores
+    chain = _pools(["data.stage_layout=chain", "data.stages.chain.num_gpus=0.5", "data.stages.chain.batch_size=4"],
+                   {"CPU": 8.0, "GPU": 2.0})
+    assert chain == [(STAGE_NAMES, {"batch_size": 4, "concurrency": 4, "num_cpus": 1.0, "num_gpus": 0.5})]
+    too_many = _pools(["data.stage_layout=chain", "data.stages.chain.concurrency=4"], {"CPU": 2.0})
+    assert too_many[0][1]["num_cpus"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.stage_layout=pipelined"], "data.stage_layout must be one of auto, chain, per_stage"),
+    (["data.stages.decoder.batch_size=4"], "unknown dataset stage"),
+    (["data.stages.encode.num_gpus=1"], "ask for GPUs but the Ray cluster has none"),
+])
+def test_bad_pool_settings_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _pools(overrides, {"CPU": 2.0})

@@ -42,7 +42,7 @@ from mpalign.data.schema import (
     STATS_FILE,
     sample_schema,
 )
-from mpalign.data.stages import STAGE_NAMES, STAGES
+from mpalign.data.stages import STAGE_NAMES, StageChain
 
 MANIFEST_VERSION = 1
 # The model settings rows depend on (the frozen encoders); adapter sizes or the device may change between runs.
@@ -67,40 +67,67 @@ def write_shard(out: Path, index: int, samples: list[dict[str, Any]], rejects: l
     _write_atomic(pa.Table.from_pylist(samples, schema=sample_schema(cfg.data)), out / SAMPLES_DIR / shard_name(index))
 
 
-def stage_settings(cfg: Config, cluster: dict[str, float]) -> dict[str, StageConfig]:
-    """Each stage's Ray settings from ``data.stages`` (defaults for the missing ones), with CPU/GPU shares scaled
-    down when the pools together ask for more than the cluster has: every stage must be able to run at once, or the
-    stream stalls (five 1-CPU actors never fit on two cores)."""
-    settings = {name: StageConfig(**vars(cfg.data.stages.get(name, StageConfig()))) for name in STAGE_NAMES}
-    unknown = sorted(set(cfg.data.stages) - set(STAGE_NAMES))
+STAGE_LAYOUTS = ("auto", "chain", "per_stage")
+
+
+def actor_pools(cfg: Config, cluster: dict[str, float]) -> list[tuple[tuple[str, ...], StageConfig]]:
+    """The Ray pipeline's actor pools, in order: (the stages each actor runs, the pool's settings).
+
+    ``data.stage_layout`` picks one pool per stage (``data.stages.<name>``) or one pool running the whole chain
+    (``data.stages.chain``). CPU/GPU shares are scaled down when the pools together ask for more than the cluster
+    has: every pool must be able to run at once, or the stream stalls (five 1-CPU actors never fit on two cores)."""
+    layout = cfg.data.stage_layout
+    if layout not in STAGE_LAYOUTS:
+        raise ConfigError(f"data.stage_layout must be one of {', '.join(STAGE_LAYOUTS)}, got '{layout}'")
+    unknown = sorted(set(cfg.data.stages) - {*STAGE_NAMES, "chain"})
     if unknown:
-        raise ConfigError(f"unknown dataset stage(s) {', '.join(unknown)} in data.stages; stages: {', '.join(STAGE_NAMES)}")
+        raise ConfigError(f"unknown dataset stage(s) {', '.join(unknown)} in data.stages; stages: "
+                          f"{', '.join(STAGE_NAMES)}, or chain")
+    if layout == "auto":
+        wants_gpus = any(cfg.data.stages[name].num_gpus > 0 for name in STAGE_NAMES if name in cfg.data.stages)
+        layout = "per_stage" if cluster.get("GPU", 0.0) > 0 or wants_gpus else "chain"
+    groups = [STAGE_NAMES] if layout == "chain" else [(name,) for name in STAGE_NAMES]
+    pools = []
+    for names in groups:
+        key = "chain" if len(names) > 1 else names[0]
+        settings = StageConfig(**vars(cfg.data.stages.get(key, StageConfig())))
+        if settings.concurrency <= 0:
+            settings.concurrency = 1 if len(names) == 1 else _actors_that_fit(settings, cluster)
+        pools.append((names, settings))
     for resource, field in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
-        wanted = sum(getattr(s, field) * s.concurrency for s in settings.values())
+        wanted = sum(getattr(s, field) * s.concurrency for _, s in pools)
         have = cluster.get(resource, 0.0)
         if wanted > 0 and resource == "GPU" and have == 0:
             raise ConfigError("data.stages ask for GPUs but the Ray cluster has none: set data.stages.<stage>.num_gpus=0")
         if wanted > have > 0:
             scale = have / wanted
-            print(f"[build] stages ask for {wanted:g} {resource}s, the cluster has {have:g}: each stage gets "
+            print(f"[build] stages ask for {wanted:g} {resource}s, the cluster has {have:g}: each pool gets "
                   f"{scale:.2f}x its {field}", flush=True)
-            for s in settings.values():
+            for _, s in pools:
                 setattr(s, field, getattr(s, field) * scale)
-    return settings
+    return pools
+
+
+def _actors_that_fit(settings: StageConfig, cluster: dict[str, float]) -> int:
+    fits = [cluster.get(resource, 0.0) / share for resource, share in (("CPU", settings.num_cpus),
+                                                                         ("GPU", settings.num_gpus)) if share > 0]
+    return max(1, int(min(fits))) if fits else 1
 
 
 def _ray_batches(cfg: Config, records: list[dict[str, Any]], report: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
-    """Finished work rows from the Ray Data pipeline: one actor pool per stage, streaming."""
+    """Finished work rows from the Ray Data pipeline: streaming through the actor pools of ``actor_pools``."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
-    settings = stage_settings(cfg, ray.cluster_resources())
-    first = settings[STAGE_NAMES[0]].batch_size
+    pools = actor_pools(cfg, ray.cluster_resources())
+    first = pools[0][1].batch_size
+    report["actor_pools"] = {"+".join(names): vars(s) for names, s in pools}
+    print("[build] Ray Data actor pools: " + "; ".join(f"{'+'.join(names)} x{s.concurrency} ({s.num_cpus:g} CPU, "
+                                                       f"{s.num_gpus:g} GPU each)" for names, s in pools), flush=True)
     ds = ray.data.from_items(records, override_num_blocks=max(1, min(len(records), math.ceil(len(records) / first))))
-    for name in STAGE_NAMES:
-        s = settings[name]
-        ds = ds.map_batches(STAGES[name], fn_constructor_args=(cfg,), batch_format="pyarrow",
+    for names, s in pools:
+        ds = ds.map_batches(StageChain, fn_constructor_args=(cfg, names), batch_format="pyarrow",
                             batch_size=s.batch_size, compute=ray.data.ActorPoolStrategy(size=s.concurrency),
                             num_cpus=s.num_cpus, num_gpus=s.num_gpus)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -110,17 +137,12 @@ def _ray_batches(cfg: Config, records: list[dict[str, Any]], report: dict[str, A
 
 def _local_batches(cfg: Config, records: list[dict[str, Any]], report: dict[str, Any]
                    ) -> Iterator[list[dict[str, Any]]]:
-    """The same stage classes in a plain loop, one batch through all stages at a time: no Ray needed (the GPU
+    """The same stage chain in a plain loop, one batch through all stages at a time: no Ray needed (the GPU
     benchmark machine has none) and the baseline the Ray pipeline is measured against."""
-    settings = {name: cfg.data.stages.get(name, StageConfig()) for name in STAGE_NAMES}
-    stages = [STAGES[name](cfg) for name in STAGE_NAMES]
-    chunk = settings[STAGE_NAMES[0]].batch_size
+    chain = StageChain(cfg)
+    chunk = chain.batch_sizes[0]
     for begin in range(0, len(records), chunk):
-        rows = [dict(r) for r in records[begin:begin + chunk]]
-        for stage in stages:
-            size = settings[stage.name].batch_size
-            rows = [row for i in range(0, len(rows), size) for row in stage.run(rows[i:i + size])]
-        yield rows
+        yield chain.run([dict(r) for r in records[begin:begin + chunk]])
 
 
 EXECUTORS = {"ray": _ray_batches, "local": _local_batches}
@@ -195,7 +217,7 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
     if not records:
         raise ConfigError(f"input '{input_path}' holds no records")
     shards = assign_shards(records, cfg.data.rows_per_shard)
-    settings_key = {"data": {k: v for k, v in vars(cfg.data).items() if k not in ("path", "input", "stages", "sample")},
+    settings_key = {"data": {k: v for k, v in vars(cfg.data).items() if k not in ("path", "input", "stages", "stage_layout", "sample")},
                     "model": {k: getattr(cfg.model, k) for k in ROW_MODEL_SETTINGS}, "version": MANIFEST_VERSION}
     manifest = {"input": str(input_path), "records": len(records), "shards": len(shards),
                 "fingerprint": fingerprint(records, settings_key)}
@@ -211,7 +233,7 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
         f"building {len(todo)} → {out}")
     start = time.perf_counter()
     rows_seen: list[dict[str, Any]] = []
-    arrivals: list[float] = []
+    arrivals: list[tuple[float, int]] = []  # (seconds since start, rows) of each batch that came out
     pair_counts: Counter[str] = Counter()
     report: dict[str, Any] = {}
     if todo:
@@ -220,7 +242,7 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
         expected = {i: len(shards[i]) for i in todo}
         written = 0
         for rows in EXECUTORS[executor](cfg, work, report):
-            arrivals.append(time.perf_counter() - start)
+            arrivals.append((time.perf_counter() - start, len(rows)))
             for row in rows:
                 pending[row["shard"]].append(row)
                 rows_seen.append({k: row[k] for k in ("reject_stage", *(f"t_{n}" for n in STAGE_NAMES))})
@@ -246,7 +268,11 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
         "frame_pairs": dict(pair_counts),
         "this_run": {"executor": executor, "records": len(rows_seen), "wall_s": round(wall, 3),
                      "records_per_s": round(len(rows_seen) / wall, 3) if rows_seen and wall else None,
-                     "first_output_s": round(arrivals[0], 3) if arrivals else None,
+                     "first_output_s": round(arrivals[0][0], 3) if arrivals else None,
+                     # the rate once the first batch is out: actor start-up and model loading excluded
+                     "steady_records_per_s": round(sum(n for _, n in arrivals[1:]) / (wall - arrivals[0][0]), 3)
+                     if len(arrivals) > 1 else None,
+                     "actor_pools": report.get("actor_pools"),
                      "stages": _stage_stats(rows_seen)},
     }
     (out / STATS_FILE).write_text(json.dumps(stats, indent=1))

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from mpalign.config import Config
+from mpalign.config import Config, StageConfig
 from mpalign.data.detection import detect_boxes
 from mpalign.data.images import RejectRecord, decode_image
 from mpalign.data.phrases import NounLexicon, extract_phrases, token_positions
@@ -87,9 +87,6 @@ class Stage(abc.ABC):
         for row in rows:
             row[f"t_{self.name}"] = elapsed / len(rows)
         return rows
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist(self.run(batch.to_pylist()), schema=WORK_SCHEMA)
 
 
 class DecodeStage(Stage):
@@ -245,3 +242,22 @@ class EncodeStage(Stage):
 
 
 STAGES = {cls.name: cls for cls in (DecodeStage, PhraseStage, DetectStage, SegmentStage, EncodeStage)}
+
+
+class StageChain:
+    """Stages run one after another on each batch, in one process: what a Ray Data actor pool maps (one stage per
+    pool, or all of them) and what the Ray-free loop runs. Each stage takes the rows in its own
+    ``data.stages.<name>.batch_size`` slices."""
+
+    def __init__(self, cfg: Config, names: tuple[str, ...] = STAGE_NAMES) -> None:
+        self.stages = [STAGES[name](cfg) for name in names]
+        self.batch_sizes = [cfg.data.stages[name].batch_size if name in cfg.data.stages else StageConfig.batch_size
+                            for name in names]
+
+    def run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for stage, size in zip(self.stages, self.batch_sizes):
+            rows = [row for i in range(0, len(rows), size) for row in stage.run(rows[i:i + size])]
+        return rows
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist(self.run(batch.to_pylist()), schema=WORK_SCHEMA)
