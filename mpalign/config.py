@@ -47,7 +47,7 @@ class StageConfig:
     """Ray Data execution settings of one actor pool of the dataset builder (a stage, or the whole chain)."""
 
     batch_size: int = 8
-    concurrency: int = 0  # actors; 0 = 1 for a single stage, as many as the cluster's CPUs/GPUs fit for the chain
+    concurrency: int = 1  # actors; 0 = as many as the cluster's CPUs (and GPUs, with num_gpus) fit
     num_cpus: float = 1.0
     num_gpus: float = 0.0
 
@@ -80,12 +80,14 @@ class DataConfig:
     cache_text: bool = True
     rows_per_shard: int = 64
     val_fraction: float = 0.1
-    # How the Ray pipeline maps stages to actor pools: "per_stage" (one pool per stage, so CPU stages overlap GPU
-    # ones), "chain" (every actor runs all stages in turn: on CPUs only, where all stages share the same cores, this
-    # saves four hand-offs between processes), "auto" (per_stage when the cluster has GPUs or a stage asks for one,
-    # chain otherwise). In the chain, data.stages.<name>.batch_size still sizes each stage's slices.
+    # How the Ray pipeline maps stages to actor pools: "per_stage" (one pool per stage, data.stages.<name>, so CPU
+    # stages overlap GPU ones), "chain" (one pool, data.chain, whose actors run every stage in turn: on CPUs only,
+    # where all stages share the same cores, this saves four hand-offs between processes), "auto" (per_stage when
+    # the cluster has GPUs or a stage asks for one, chain otherwise).
     stage_layout: str = "auto"
-    stages: dict[str, StageConfig] = field(default_factory=dict)  # keyed by stage name, or "chain"
+    # 32 records a Ray task keep the per-task cost small next to the tiny models' ~25 ms a record
+    chain: StageConfig = field(default_factory=lambda: StageConfig(batch_size=32, concurrency=0))
+    stages: dict[str, StageConfig] = field(default_factory=dict)  # by stage name; in the chain only batch_size counts
 
 
 @dataclass
@@ -292,12 +294,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise _unknown_key_error(full, [f"{prefix}.{n}" if prefix else n for n in names])
+        if key not in fields:
+            raise _unknown_key_error(full, [f"{prefix}.{n}" if prefix else n for n in fields])
+        factory = fields[key].default_factory
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict) and factory is not dataclasses.MISSING:
+            value = {**dataclasses.asdict(factory()), **value}  # a partial section keeps this field's own defaults
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 

@@ -261,7 +261,7 @@ def _pools(overrides, cluster):
 
 def test_auto_layout_chains_every_stage_on_cpus_and_splits_them_on_gpus():
     cpu_only = _pools([], {"CPU": 2.0})
-    assert cpu_only == [(STAGE_NAMES, {"batch_size": 8, "concurrency": 2, "num_cpus": 1.0, "num_gpus": 0.0})]
+    assert cpu_only == [(STAGE_NAMES, {"batch_size": 32, "concurrency": 2, "num_cpus": 1.0, "num_gpus": 0.0})]
     gpu = _pools(["data.stages.encode.num_gpus=1", "data.stages.encode.concurrency=2"], {"CPU": 16.0, "GPU": 2.0})
     assert [names for names, _ in gpu] == [(name,) for name in STAGE_NAMES]
     assert [s["concurrency"] for _, s in gpu] == [1, 1, 1, 1, 2] and gpu[-1][1]["num_gpus"] == 1.0
@@ -270,10 +270,10 @@ def test_auto_layout_chains_every_stage_on_cpus_and_splits_them_on_gpus():
 def test_pools_are_scaled_down_to_fit_the_cluster():
     per_stage = _pools(["data.stage_layout=per_stage"], {"CPU": 2.0})
     assert [s["num_cpus"] for _, s in per_stage] == pytest.approx([0.4] * 5)  # five 1-CPU actors on two cores
-    chain = _pools(["data.stage_layout=chain", "data.stages.chain.num_gpus=0.5", "data.stages.chain.batch_size=4"],
+    chain = _pools(["data.stage_layout=chain", "data.chain.num_gpus=0.5", "data.chain.batch_size=4"],
                    {"CPU": 8.0, "GPU": 2.0})
     assert chain == [(STAGE_NAMES, {"batch_size": 4, "concurrency": 4, "num_cpus": 1.0, "num_gpus": 0.5})]
-    too_many = _pools(["data.stage_layout=chain", "data.stages.chain.concurrency=4"], {"CPU": 2.0})
+    too_many = _pools(["data.stage_layout=chain", "data.chain.concurrency=4"], {"CPU": 2.0})
     assert too_many[0][1]["num_cpus"] == pytest.approx(0.5)
 
 
@@ -281,6 +281,7 @@ def test_pools_are_scaled_down_to_fit_the_cluster():
     (["data.stage_layout=pipelined"], "data.stage_layout must be one of auto, chain, per_stage"),
     (["data.stages.decoder.batch_size=4"], "unknown dataset stage"),
     (["data.stages.encode.num_gpus=1"], "ask for GPUs but the Ray cluster has none"),
+    (["data.stage_layout=chain", "data.chain.num_gpus=1"], "ask for GPUs but the Ray cluster has none"),
 ])
 def test_bad_pool_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):

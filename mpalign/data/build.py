@@ -74,31 +74,32 @@ def actor_pools(cfg: Config, cluster: dict[str, float]) -> list[tuple[tuple[str,
     """The Ray pipeline's actor pools, in order: (the stages each actor runs, the pool's settings).
 
     ``data.stage_layout`` picks one pool per stage (``data.stages.<name>``) or one pool running the whole chain
-    (``data.stages.chain``). CPU/GPU shares are scaled down when the pools together ask for more than the cluster
-    has: every pool must be able to run at once, or the stream stalls (five 1-CPU actors never fit on two cores)."""
-    layout = cfg.data.stage_layout
-    if layout not in STAGE_LAYOUTS:
-        raise ConfigError(f"data.stage_layout must be one of {', '.join(STAGE_LAYOUTS)}, got '{layout}'")
-    unknown = sorted(set(cfg.data.stages) - {*STAGE_NAMES, "chain"})
+    (``data.chain``). CPU/GPU shares are scaled down when the pools together ask for more than the cluster has:
+    every pool must be able to run at once, or the stream stalls (five 1-CPU actors never fit on two cores)."""
+    data = cfg.data
+    if data.stage_layout not in STAGE_LAYOUTS:
+        raise ConfigError(f"data.stage_layout must be one of {', '.join(STAGE_LAYOUTS)}, got '{data.stage_layout}'")
+    unknown = sorted(set(data.stages) - set(STAGE_NAMES))
     if unknown:
-        raise ConfigError(f"unknown dataset stage(s) {', '.join(unknown)} in data.stages; stages: "
-                          f"{', '.join(STAGE_NAMES)}, or chain")
+        raise ConfigError(f"unknown dataset stage(s) {', '.join(unknown)} in data.stages; stages: {', '.join(STAGE_NAMES)}")
+    per_stage = {name: data.stages.get(name, StageConfig()) for name in STAGE_NAMES}
+    layout = data.stage_layout
     if layout == "auto":
-        wants_gpus = any(cfg.data.stages[name].num_gpus > 0 for name in STAGE_NAMES if name in cfg.data.stages)
+        wants_gpus = any(s.num_gpus > 0 for s in per_stage.values())
         layout = "per_stage" if cluster.get("GPU", 0.0) > 0 or wants_gpus else "chain"
-    groups = [STAGE_NAMES] if layout == "chain" else [(name,) for name in STAGE_NAMES]
+    chosen = [(STAGE_NAMES, data.chain)] if layout == "chain" else [((n,), s) for n, s in per_stage.items()]
     pools = []
-    for names in groups:
-        key = "chain" if len(names) > 1 else names[0]
-        settings = StageConfig(**vars(cfg.data.stages.get(key, StageConfig())))
+    for names, settings in chosen:
+        settings = dataclasses.replace(settings)
         if settings.concurrency <= 0:
-            settings.concurrency = 1 if len(names) == 1 else _actors_that_fit(settings, cluster)
+            settings.concurrency = _actors_that_fit(settings, cluster)
         pools.append((names, settings))
     for resource, field in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
         wanted = sum(getattr(s, field) * s.concurrency for _, s in pools)
         have = cluster.get(resource, 0.0)
         if wanted > 0 and resource == "GPU" and have == 0:
-            raise ConfigError("data.stages ask for GPUs but the Ray cluster has none: set data.stages.<stage>.num_gpus=0")
+            raise ConfigError("the dataset stages ask for GPUs but the Ray cluster has none: set "
+                              "data.stages.<stage>.num_gpus / data.chain.num_gpus to 0")
         if wanted > have > 0:
             scale = have / wanted
             print(f"[build] stages ask for {wanted:g} {resource}s, the cluster has {have:g}: each pool gets "
@@ -195,6 +196,20 @@ def _stage_stats(rows_seen: list[dict[str, Any]]) -> dict[str, Any]:
     return stats
 
 
+def _steady_rate(arrivals: list[tuple[float, int]]) -> float | None:
+    """Records per second over the last three quarters of the output: what a large build runs at, without the
+    start-up (actors, models, the first batches). Not from the first batch on: parallel actors deliver their first
+    batches together, which would count a burst as a rate."""
+    total = sum(n for _, n in arrivals)
+    done = 0
+    for when, n in arrivals:
+        done += n
+        if done >= total / 4:
+            break
+    rest, span = total - done, arrivals[-1][0] - when if arrivals else 0.0
+    return round(rest / span, 3) if rest and span > 0 else None
+
+
 def build_dataset(cfg: Config, input: str | None = None, output: str | None = None, overwrite: bool = False,
                   max_shards: int | None = None, log: Callable[[str], None] | None = None,
                   executor: str = "ray") -> dict[str, Any]:
@@ -217,7 +232,7 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
     if not records:
         raise ConfigError(f"input '{input_path}' holds no records")
     shards = assign_shards(records, cfg.data.rows_per_shard)
-    settings_key = {"data": {k: v for k, v in vars(cfg.data).items() if k not in ("path", "input", "stages", "stage_layout", "sample")},
+    settings_key = {"data": {k: v for k, v in vars(cfg.data).items() if k not in ("path", "input", "stages", "stage_layout", "chain", "sample")},
                     "model": {k: getattr(cfg.model, k) for k in ROW_MODEL_SETTINGS}, "version": MANIFEST_VERSION}
     manifest = {"input": str(input_path), "records": len(records), "shards": len(shards),
                 "fingerprint": fingerprint(records, settings_key)}
@@ -269,9 +284,7 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
         "this_run": {"executor": executor, "records": len(rows_seen), "wall_s": round(wall, 3),
                      "records_per_s": round(len(rows_seen) / wall, 3) if rows_seen and wall else None,
                      "first_output_s": round(arrivals[0][0], 3) if arrivals else None,
-                     # the rate once the first batch is out: actor start-up and model loading excluded
-                     "steady_records_per_s": round(sum(n for _, n in arrivals[1:]) / (wall - arrivals[0][0]), 3)
-                     if len(arrivals) > 1 else None,
+                     "steady_records_per_s": _steady_rate(arrivals),
                      "actor_pools": report.get("actor_pools"),
                      "stages": _stage_stats(rows_seen)},
     }

@@ -251,8 +251,7 @@ class StageChain:
 
     def __init__(self, cfg: Config, names: tuple[str, ...] = STAGE_NAMES) -> None:
         self.stages = [STAGES[name](cfg) for name in names]
-        self.batch_sizes = [cfg.data.stages[name].batch_size if name in cfg.data.stages else StageConfig.batch_size
-                            for name in names]
+        self.batch_sizes = [cfg.data.stages.get(name, StageConfig()).batch_size for name in names]
 
     def run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for stage, size in zip(self.stages, self.batch_sizes):
