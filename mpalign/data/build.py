@@ -45,6 +45,8 @@ from mpalign.data.schema import (
 from mpalign.data.stages import STAGE_NAMES, StageChain
 
 MANIFEST_VERSION = 1
+# Where and how to build, not what: changing these between runs keeps the finished shards.
+NOT_ROW_DATA_SETTINGS = ("path", "input", "sample", "stage_layout", "chain", "stages")
 # The model settings rows depend on (the frozen encoders); adapter sizes or the device may change between runs.
 ROW_MODEL_SETTINGS = ("preset", "dtype", "seed", "sdxl", "image_encoder", "image_encoder_subfolder", "dinov2",
                       "grounding_dino", "sam", "spacy")
@@ -200,14 +202,13 @@ def _steady_rate(arrivals: list[tuple[float, int]]) -> float | None:
     """Records per second over the last three quarters of the output: what a large build runs at, without the
     start-up (actors, models, the first batches). Not from the first batch on: parallel actors deliver their first
     batches together, which would count a burst as a rate."""
-    total = sum(n for _, n in arrivals)
-    done = 0
+    total, done = sum(n for _, n in arrivals), 0
     for when, n in arrivals:
         done += n
         if done >= total / 4:
-            break
-    rest, span = total - done, arrivals[-1][0] - when if arrivals else 0.0
-    return round(rest / span, 3) if rest and span > 0 else None
+            span = arrivals[-1][0] - when
+            return round((total - done) / span, 3) if span > 0 else None
+    return None
 
 
 def build_dataset(cfg: Config, input: str | None = None, output: str | None = None, overwrite: bool = False,
@@ -232,7 +233,7 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
     if not records:
         raise ConfigError(f"input '{input_path}' holds no records")
     shards = assign_shards(records, cfg.data.rows_per_shard)
-    settings_key = {"data": {k: v for k, v in vars(cfg.data).items() if k not in ("path", "input", "stages", "stage_layout", "chain", "sample")},
+    settings_key = {"data": {k: v for k, v in vars(cfg.data).items() if k not in NOT_ROW_DATA_SETTINGS},
                     "model": {k: getattr(cfg.model, k) for k in ROW_MODEL_SETTINGS}, "version": MANIFEST_VERSION}
     manifest = {"input": str(input_path), "records": len(records), "shards": len(shards),
                 "fingerprint": fingerprint(records, settings_key)}

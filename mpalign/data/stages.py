@@ -1,5 +1,7 @@
-"""The dataset builder's stages: small classes Ray Data runs with ``map_batches`` (``__init__`` loads the model once
-per actor, ``__call__`` maps one batch), usable without Ray too (the benchmark times them alone).
+"""The dataset builder's stages: small classes whose ``__init__`` loads the model once and whose ``run`` maps a list of
+work rows. ``StageChain`` strings some or all of them together; it is the callable Ray Data's ``map_batches`` runs
+in each actor (one pool per stage, or one for the whole chain) and the Ray-free loop runs in-process. Without Ray
+the stages can also be timed alone (the benchmark does).
 
 A batch is a ``pyarrow.Table`` of work rows (``WORK_SCHEMA``): one row per input record, carried through every stage.
 A row that a stage rejects keeps flowing with ``reject_reason`` set and later stages pass it through untouched, so
