@@ -50,6 +50,9 @@ class StageConfig:
     concurrency: int = 1  # actors; 0 = as many as the cluster's CPUs (and GPUs, with num_gpus) fit
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # RAM Ray reserves per actor (0 = none): with full-size models a chain actor holds every encoder (~15 GB in
+    # float32), and Ray then starts no more actors on a node than its memory holds
+    memory_gb: float = 0.0
 
 
 @dataclass

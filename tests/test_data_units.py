@@ -261,7 +261,8 @@ def _pools(overrides, cluster):
 
 def test_auto_layout_chains_every_stage_on_cpus_and_splits_them_on_gpus():
     cpu_only = _pools([], {"CPU": 2.0})
-    assert cpu_only == [(STAGE_NAMES, {"batch_size": 32, "concurrency": 2, "num_cpus": 1.0, "num_gpus": 0.0})]
+    assert cpu_only == [(STAGE_NAMES, {"batch_size": 32, "concurrency": 2, "num_cpus": 1.0, "num_gpus": 0.0,
+                                       "memory_gb": 0.0})]
     gpu = _pools(["data.stages.encode.num_gpus=1", "data.stages.encode.concurrency=2"], {"CPU": 16.0, "GPU": 2.0})
     assert [names for names, _ in gpu] == [(name,) for name in STAGE_NAMES]
     assert [s["concurrency"] for _, s in gpu] == [1, 1, 1, 1, 2] and gpu[-1][1]["num_gpus"] == 1.0
@@ -272,7 +273,10 @@ def test_pools_are_scaled_down_to_fit_the_cluster():
     assert [s["num_cpus"] for _, s in per_stage] == pytest.approx([0.4] * 5)  # five 1-CPU actors on two cores
     chain = _pools(["data.stage_layout=chain", "data.chain.num_gpus=0.5", "data.chain.batch_size=4"],
                    {"CPU": 8.0, "GPU": 2.0})
-    assert chain == [(STAGE_NAMES, {"batch_size": 4, "concurrency": 4, "num_cpus": 1.0, "num_gpus": 0.5})]
+    assert chain == [(STAGE_NAMES, {"batch_size": 4, "concurrency": 4, "num_cpus": 1.0, "num_gpus": 0.5,
+                                    "memory_gb": 0.0})]
+    big_models = _pools(["data.stage_layout=chain", "data.chain.memory_gb=16"], {"CPU": 64.0, "memory": 100 * 2**30})
+    assert big_models[0][1]["concurrency"] == 6  # memory, not the 64 cores, bounds the actors
     too_many = _pools(["data.stage_layout=chain", "data.chain.concurrency=4"], {"CPU": 2.0})
     assert too_many[0][1]["num_cpus"] == pytest.approx(0.5)
 
@@ -282,7 +286,8 @@ def test_pools_are_scaled_down_to_fit_the_cluster():
     (["data.stages.decoder.batch_size=4"], "unknown dataset stage"),
     (["data.stages.encode.num_gpus=1"], "ask for GPUs but the Ray cluster has none"),
     (["data.stage_layout=chain", "data.chain.num_gpus=1"], "ask for GPUs but the Ray cluster has none"),
+    (["data.chain.concurrency=2", "data.chain.memory_gb=16"], "reserve 32.0 GB of memory"),
 ])
 def test_bad_pool_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        _pools(overrides, {"CPU": 2.0})
+        _pools(overrides, {"CPU": 2.0, "memory": 24 * 2**30})

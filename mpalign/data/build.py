@@ -108,12 +108,17 @@ def actor_pools(cfg: Config, cluster: dict[str, float]) -> list[tuple[tuple[str,
                   f"{scale:.2f}x its {field}", flush=True)
             for _, s in pools:
                 setattr(s, field, getattr(s, field) * scale)
+    memory = sum(s.memory_gb * s.concurrency for _, s in pools) * 2**30
+    if memory > cluster.get("memory", float("inf")):
+        raise ConfigError(f"the dataset's actor pools reserve {memory / 2**30:.1f} GB of memory (memory_gb x "
+                          f"concurrency), the Ray cluster has {cluster['memory'] / 2**30:.1f} GB: lower their "
+                          f"concurrency or memory_gb")
     return pools
 
 
 def _actors_that_fit(settings: StageConfig, cluster: dict[str, float]) -> int:
-    fits = [cluster.get(resource, 0.0) / share for resource, share in (("CPU", settings.num_cpus),
-                                                                         ("GPU", settings.num_gpus)) if share > 0]
+    shares = (("CPU", settings.num_cpus), ("GPU", settings.num_gpus), ("memory", settings.memory_gb * 2**30))
+    fits = [cluster.get(resource, 0.0) / share for resource, share in shares if share > 0]
     return max(1, int(min(fits))) if fits else 1
 
 
@@ -132,7 +137,8 @@ def _ray_batches(cfg: Config, records: list[dict[str, Any]], report: dict[str, A
     for names, s in pools:
         ds = ds.map_batches(StageChain, fn_constructor_args=(cfg, names), batch_format="pyarrow",
                             batch_size=s.batch_size, compute=ray.data.ActorPoolStrategy(size=s.concurrency),
-                            num_cpus=s.num_cpus, num_gpus=s.num_gpus)
+                            num_cpus=s.num_cpus, num_gpus=s.num_gpus,
+                            **({"memory": s.memory_gb * 2**30} if s.memory_gb > 0 else {}))
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         yield batch.to_pylist()
     report["ray_data_stats"] = ds.stats()
