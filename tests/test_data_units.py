@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from mpalign.config import ConfigError, DataConfig, load_config
-from mpalign.data.build import actor_pools
+from mpalign.data.build import _steady_rate, actor_pools
 from mpalign.data.detection import box_passes_rules, detector_prompt, phrase_token_spans, select_boxes
 from mpalign.data.images import RejectRecord, decode_image
 from mpalign.data.pairs import match_subjects, reference_frames
@@ -291,3 +291,10 @@ def test_pools_are_scaled_down_to_fit_the_cluster():
 def test_bad_pool_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         _pools(overrides, {"CPU": 2.0, "memory": 24 * 2**30})
+
+
+def test_steady_rate_skips_the_start_up_and_the_first_burst():
+    # two actors after a 10 s start-up, each delivering 32 records every 0.5 s: 128 records/s
+    arrivals = [(10.0 + 0.5 * (i // 2) + 0.01 * (i % 2), 32) for i in range(40)]
+    assert _steady_rate(arrivals) == pytest.approx(128, rel=0.03)
+    assert _steady_rate(arrivals[:7]) is None  # too few batches to tell a rate from a burst

@@ -129,11 +129,12 @@ def _ray_batches(cfg: Config, records: list[dict[str, Any]], report: dict[str, A
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
     pools = actor_pools(cfg, ray.cluster_resources())
-    first = pools[0][1].batch_size
+    first = pools[0][1]
+    first.batch_size = min(first.batch_size, math.ceil(len(records) / first.concurrency))  # small inputs reach every actor
     report["actor_pools"] = {"+".join(names): vars(s) for names, s in pools}
     print("[build] Ray Data actor pools: " + "; ".join(f"{'+'.join(names)} x{s.concurrency} ({s.num_cpus:g} CPU, "
                                                        f"{s.num_gpus:g} GPU each)" for names, s in pools), flush=True)
-    ds = ray.data.from_items(records, override_num_blocks=max(1, min(len(records), math.ceil(len(records) / first))))
+    ds = ray.data.from_items(records, override_num_blocks=math.ceil(len(records) / first.batch_size))
     for names, s in pools:
         ds = ds.map_batches(StageChain, fn_constructor_args=(cfg, names), batch_format="pyarrow",
                             batch_size=s.batch_size, compute=ray.data.ActorPoolStrategy(size=s.concurrency),
@@ -207,7 +208,9 @@ def _stage_stats(rows_seen: list[dict[str, Any]]) -> dict[str, Any]:
 def _steady_rate(arrivals: list[tuple[float, int]]) -> float | None:
     """Records per second over the last three quarters of the output: what a large build runs at, without the
     start-up (actors, models, the first batches). Not from the first batch on: parallel actors deliver their first
-    batches together, which would count a burst as a rate."""
+    batches together, which would count a burst as a rate. None under 8 batches: too few to tell a rate from a burst."""
+    if len(arrivals) < 8:
+        return None
     total, done = sum(n for _, n in arrivals), 0
     for when, n in arrivals:
         done += n
