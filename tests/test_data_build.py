@@ -5,8 +5,11 @@ resume after an interruption to the same rows, and feed the training batch contr
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -242,6 +245,33 @@ def test_an_interrupted_build_resumes_to_the_same_rows(built):
     # nothing left to do: a third run builds nothing and changes nothing
     assert build_dataset(built["cfg"], input=str(built["input"]), output=str(out),
                          log=lambda _: None)["shards"]["built_now"] == 0
+
+
+@pytest.mark.slow
+def test_a_build_killed_with_sigkill_resumes_to_the_same_rows(built):
+    """A real kill: the CLI's whole process group (driver, its local Ray, the actors) gets SIGKILL right after the
+    first shard lands; records go one at a time through one actor, so the other shards are still in flight."""
+    out = built["root"] / "killed"
+    cmd = [sys.executable, str(REPO_ROOT / "pipelines" / "build_dataset.py"), "--input", str(built["input"]),
+           "--output", str(out), *(a for o in OVERRIDES for a in ("--set", o)),
+           "--set", "data.chain.batch_size=1", "--set", "data.chain.concurrency=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not any((out / "samples").glob("shard-*.parquet")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the build ended or stalled before a shard"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    total = json.loads((out / "manifest.json").read_text())["shards"]
+    finished = len(list((out / "samples").glob("shard-*.parquet")))
+    assert 1 <= finished < total
+    again = build_dataset(built["cfg"], input=str(built["input"]), output=str(out), log=lambda _: None)
+    assert again["shards"] == {"total": total, "built_now": total - finished, "skipped": finished, "finished": total}
+    assert_same_rows(_samples(out), _samples(built["out"]))
+    rejects = [pq.read_table(o / "rejects").sort_by("id") for o in (out, built["out"])]
+    assert rejects[0].equals(rejects[1])
 
 
 def test_the_ray_free_local_executor_builds_the_same_rows(built):
