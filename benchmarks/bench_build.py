@@ -170,7 +170,7 @@ def bench_full(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     overrides += [f"model.device={device}", f"model.dtype={str(dtype).removeprefix('torch.')}",
                   "data.cache_clip=false", "data.cache_vae=false", "data.cache_text=false",
                   "data.box_threshold=0", "data.text_threshold=0", "data.min_box_area=0.0001",
-                  f"data.chain.batch_size={args.batch_size}"]
+                  f"data.rows_per_shard={args.batch_size}"]  # the chain's unit of work is a shard
     cfg = config_from_args(args, overrides)
     records_file = generate_sample_dataset(work / "input", SampleDataConfig(num_images=args.num_images, num_videos=0,
                                                                              image_size=512))

@@ -43,16 +43,23 @@ class SampleDataConfig:
 
 
 @dataclass
-class StageConfig:
-    """Ray Data execution settings of one actor pool of the dataset builder (a stage, or the whole chain)."""
+class ActorPoolConfig:
+    """Ray settings of one actor pool of the dataset builder."""
 
-    batch_size: int = 8
-    concurrency: int = 1  # actors; 0 = as many as the cluster's CPUs (and GPUs, with num_gpus) fit
+    concurrency: int = 0  # actors; 0 = as many as the cluster's CPUs (and GPUs / memory, when asked for) fit
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     # RAM Ray reserves per actor (0 = none): with full-size models a chain actor holds every encoder (~15 GB in
     # float32), and Ray then starts no more actors on a node than its memory holds
     memory_gb: float = 0.0
+
+
+@dataclass
+class StageConfig(ActorPoolConfig):
+    """One dataset-building stage: how many records it takes at a time, and its own pool in the per_stage layout."""
+
+    batch_size: int = 8
+    concurrency: int = 1
 
 
 @dataclass
@@ -84,12 +91,12 @@ class DataConfig:
     rows_per_shard: int = 64
     val_fraction: float = 0.1
     # How the Ray pipeline maps stages to actor pools: "per_stage" (one pool per stage, data.stages.<name>, so CPU
-    # stages overlap GPU ones), "chain" (one pool, data.chain, whose actors run every stage in turn: on CPUs only,
-    # where all stages share the same cores, this saves four hand-offs between processes), "auto" (per_stage when
-    # the cluster has GPUs or a stage asks for one, chain otherwise).
+    # stages overlap GPU ones; the driver writes the shards), "chain" (one pool, data.chain, whose actors each build
+    # and write whole shards: on CPUs, where all stages share the same cores, this saves four hand-offs between
+    # processes, and no sample passes through the driver), "auto" (per_stage when the cluster has GPUs or a stage
+    # asks for one, chain otherwise).
     stage_layout: str = "auto"
-    # 32 records a Ray task keep the per-task cost small next to the tiny models' ~25 ms a record
-    chain: StageConfig = field(default_factory=lambda: StageConfig(batch_size=32, concurrency=0))
+    chain: ActorPoolConfig = field(default_factory=ActorPoolConfig)
     stages: dict[str, StageConfig] = field(default_factory=dict)  # by stage name; in the chain only batch_size counts
 
 
@@ -297,15 +304,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in fields:
-            raise _unknown_key_error(full, [f"{prefix}.{n}" if prefix else n for n in fields])
-        factory = fields[key].default_factory
-        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict) and factory is not dataclasses.MISSING:
-            value = {**dataclasses.asdict(factory()), **value}  # a partial section keeps this field's own defaults
+        if key not in names:
+            raise _unknown_key_error(full, [f"{prefix}.{n}" if prefix else n for n in names])
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 

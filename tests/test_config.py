@@ -27,14 +27,6 @@ def test_overrides_are_typed():
     assert cfg.data.stages["detect"].batch_size == 3
 
 
-def test_a_partial_section_keeps_the_defaults_of_its_field(tmp_path):
-    """data.chain defaults differ from StageConfig's class defaults; setting one key must not reset the others."""
-    cfg = load_config(overrides=["data.chain.num_gpus=0.5"])
-    assert (cfg.data.chain.batch_size, cfg.data.chain.concurrency, cfg.data.chain.num_gpus) == (32, 0, 0.5)
-    (tmp_path / "c.yaml").write_text("data:\n  chain: {num_cpus: 2}\n")
-    assert load_config(tmp_path / "c.yaml").data.chain.batch_size == 32
-
-
 def test_round_trip_through_yaml(tmp_path):
     cfg = load_config(overrides=["train.output_dir=somewhere", "tune.num_samples=3", "data.path=ds"])
     saved = cfg.save(tmp_path / "resolved.yaml")

@@ -12,14 +12,14 @@ import pytest
 from PIL import Image
 
 from mpalign.config import ConfigError, DataConfig, load_config
-from mpalign.data.build import _steady_rate, actor_pools
+from mpalign.data.build import ShardBuilder, _steady_rate, actor_pools
 from mpalign.data.detection import box_passes_rules, detector_prompt, phrase_token_spans, select_boxes
 from mpalign.data.images import RejectRecord, decode_image
 from mpalign.data.pairs import match_subjects, reference_frames
 from mpalign.data.records import assign_shards, read_records, split_of
 from mpalign.data.schema import decode_png
 from mpalign.data.segmentation import BACKGROUND_FILL, background_filled_crop, clean_mask
-from mpalign.data.stages import STAGE_NAMES, DecodeStage, DetectStage, Stage
+from mpalign.data.stages import STAGE_NAMES, WORK_SCHEMA, DecodeStage, DetectStage, Stage
 
 # --- Hungarian matching -----------------------------------------------------------------------------------------
 
@@ -261,8 +261,7 @@ def _pools(overrides, cluster):
 
 def test_auto_layout_chains_every_stage_on_cpus_and_splits_them_on_gpus():
     cpu_only = _pools([], {"CPU": 2.0})
-    assert cpu_only == [(STAGE_NAMES, {"batch_size": 32, "concurrency": 2, "num_cpus": 1.0, "num_gpus": 0.0,
-                                       "memory_gb": 0.0})]
+    assert cpu_only == [(STAGE_NAMES, {"concurrency": 2, "num_cpus": 1.0, "num_gpus": 0.0, "memory_gb": 0.0})]
     gpu = _pools(["data.stages.encode.num_gpus=1", "data.stages.encode.concurrency=2"], {"CPU": 16.0, "GPU": 2.0})
     assert [names for names, _ in gpu] == [(name,) for name in STAGE_NAMES]
     assert [s["concurrency"] for _, s in gpu] == [1, 1, 1, 1, 2] and gpu[-1][1]["num_gpus"] == 1.0
@@ -271,10 +270,8 @@ def test_auto_layout_chains_every_stage_on_cpus_and_splits_them_on_gpus():
 def test_pools_are_scaled_down_to_fit_the_cluster():
     per_stage = _pools(["data.stage_layout=per_stage"], {"CPU": 2.0})
     assert [s["num_cpus"] for _, s in per_stage] == pytest.approx([0.4] * 5)  # five 1-CPU actors on two cores
-    chain = _pools(["data.stage_layout=chain", "data.chain.num_gpus=0.5", "data.chain.batch_size=4"],
-                   {"CPU": 8.0, "GPU": 2.0})
-    assert chain == [(STAGE_NAMES, {"batch_size": 4, "concurrency": 4, "num_cpus": 1.0, "num_gpus": 0.5,
-                                    "memory_gb": 0.0})]
+    chain = _pools(["data.stage_layout=chain", "data.chain.num_gpus=0.5"], {"CPU": 8.0, "GPU": 2.0})
+    assert chain == [(STAGE_NAMES, {"concurrency": 4, "num_cpus": 1.0, "num_gpus": 0.5, "memory_gb": 0.0})]
     big_models = _pools(["data.stage_layout=chain", "data.chain.memory_gb=16"], {"CPU": 64.0, "memory": 100 * 2**30})
     assert big_models[0][1]["concurrency"] == 6  # memory, not the 64 cores, bounds the actors
     too_many = _pools(["data.stage_layout=chain", "data.chain.concurrency=4"], {"CPU": 2.0})
@@ -298,3 +295,9 @@ def test_steady_rate_skips_the_start_up_and_the_first_burst():
     arrivals = [(10.0 + 0.5 * (i // 2) + 0.01 * (i % 2), 32) for i in range(40)]
     assert _steady_rate(arrivals) == pytest.approx(128, rel=0.03)
     assert _steady_rate(arrivals[:7]) is None  # too few batches to tell a rate from a burst
+
+
+def test_a_chain_actor_that_cannot_see_the_output_asks_for_shared_storage(tmp_path):
+    builder = ShardBuilder(load_config(), str(tmp_path / "on-another-node"))
+    with pytest.raises(ConfigError, match="every node shares"):
+        builder(pa.Table.from_pylist([], schema=WORK_SCHEMA))

@@ -8,10 +8,12 @@ Layout of the output folder::
     config.yaml                       the resolved config
     manifest.json                     what the shards were built from (resuming checks it)
 
-Records are split into shards up front (a clip's frames stay in one shard). The stages stream rows through Ray Data
-actor pools; the driver collects the rows of each shard and, once all have arrived, assembles frame pairs and writes
-the shard's two files atomically. A rerun skips every shard whose samples file exists, so a killed build resumes
-where it stopped and produces the same rows.
+Records are split into shards up front (a clip's frames stay in one shard). A shard is finished in one place, which
+assembles its frame pairs and writes its two files atomically: in the ``chain`` layout the Ray actor that ran the
+stages on it (so samples never pass through the driver, and the output must be a folder every node shares), in the
+``per_stage`` layout the driver, which collects each shard's rows from the last pool. Either way the driver gets a
+summary per finished shard. A rerun skips every shard whose samples file exists, so a killed build resumes where
+it stopped and produces the same rows.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mpalign.config import Config, ConfigError, StageConfig
+from mpalign.config import ActorPoolConfig, Config, ConfigError, StageConfig
 from mpalign.data.assemble import assemble_shard
 from mpalign.data.records import assign_shards, fingerprint, read_records
 from mpalign.data.schema import (
@@ -42,7 +44,7 @@ from mpalign.data.schema import (
     STATS_FILE,
     sample_schema,
 )
-from mpalign.data.stages import STAGE_NAMES, StageChain
+from mpalign.data.stages import STAGE_NAMES, WORK_SCHEMA, StageChain
 
 MANIFEST_VERSION = 1
 # Where and how to build, not what: changing these between runs keeps the finished shards.
@@ -69,10 +71,41 @@ def write_shard(out: Path, index: int, samples: list[dict[str, Any]], rejects: l
     _write_atomic(pa.Table.from_pylist(samples, schema=sample_schema(cfg.data)), out / SAMPLES_DIR / shard_name(index))
 
 
+def finish_shard(out: Path, index: int, rows: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
+    """Assemble and write one shard from all its finished work rows; returns the summary the driver keeps: counts,
+    and each row's reject stage and stage times (for stats.json)."""
+    samples, rejects, pair_counts = assemble_shard(rows, cfg.data)
+    write_shard(out, index, samples, rejects, cfg)
+    return {"shard": index, "samples": len(samples), "rejects": len(rejects), "frame_pairs": dict(pair_counts),
+            "rows": [{k: row[k] for k in ("reject_stage", *(f"t_{n}" for n in STAGE_NAMES))} for row in rows]}
+
+
+class ShardBuilder:
+    """Every stage, then the shard's writing, in one actor: each batch Ray Data hands it is one shard's records
+    (``batch_size=None`` over one block per shard), each output row one shard's summary as JSON."""
+
+    def __init__(self, cfg: Config, out: str) -> None:
+        self.cfg, self.out = cfg, Path(out)
+        self.chain = StageChain(cfg)
+
+    def build(self, index: int, records: list[dict[str, Any]]) -> dict[str, Any]:
+        return finish_shard(self.out, index, self.chain.run([dict(r) for r in records]), self.cfg)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if not (self.out / SAMPLES_DIR).is_dir():
+            raise ConfigError(f"output '{self.out}' is not on this Ray node ({os.uname().nodename}): the chain layout "
+                              f"writes shards from the workers, so the output must be on a file system every node "
+                              f"shares; or set data.stage_layout=per_stage, which writes from the driver")
+        shards: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for record in batch.to_pylist():
+            shards[record["shard"]].append(record)
+        return pa.table({"summary": [json.dumps(self.build(i, records)) for i, records in shards.items()]})
+
+
 STAGE_LAYOUTS = ("auto", "chain", "per_stage")
 
 
-def actor_pools(cfg: Config, cluster: dict[str, float]) -> list[tuple[tuple[str, ...], StageConfig]]:
+def actor_pools(cfg: Config, cluster: dict[str, float]) -> list[tuple[tuple[str, ...], ActorPoolConfig]]:
     """The Ray pipeline's actor pools, in order: (the stages each actor runs, the pool's settings).
 
     ``data.stage_layout`` picks one pool per stage (``data.stages.<name>``) or one pool running the whole chain
@@ -116,46 +149,70 @@ def actor_pools(cfg: Config, cluster: dict[str, float]) -> list[tuple[tuple[str,
     return pools
 
 
-def _actors_that_fit(settings: StageConfig, cluster: dict[str, float]) -> int:
+def _actors_that_fit(settings: ActorPoolConfig, cluster: dict[str, float]) -> int:
     shares = (("CPU", settings.num_cpus), ("GPU", settings.num_gpus), ("memory", settings.memory_gb * 2**30))
     fits = [cluster.get(resource, 0.0) / share for resource, share in shares if share > 0]
     return max(1, int(min(fits))) if fits else 1
 
 
-def _ray_batches(cfg: Config, records: list[dict[str, Any]], report: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
-    """Finished work rows from the Ray Data pipeline: streaming through the actor pools of ``actor_pools``."""
+def _start_ray(cfg: Config, report: dict[str, Any]) -> list[tuple[tuple[str, ...], ActorPoolConfig]]:
     import ray
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
     pools = actor_pools(cfg, ray.cluster_resources())
-    first = pools[0][1]
-    first.batch_size = min(first.batch_size, math.ceil(len(records) / first.concurrency))  # small inputs reach every actor
     report["actor_pools"] = {"+".join(names): vars(s) for names, s in pools}
     print("[build] Ray Data actor pools: " + "; ".join(f"{'+'.join(names)} x{s.concurrency} ({s.num_cpus:g} CPU, "
                                                        f"{s.num_gpus:g} GPU each)" for names, s in pools), flush=True)
-    ds = ray.data.from_items(records, override_num_blocks=math.ceil(len(records) / first.batch_size))
-    for names, s in pools:
-        ds = ds.map_batches(StageChain, fn_constructor_args=(cfg, names), batch_format="pyarrow",
-                            batch_size=s.batch_size, compute=ray.data.ActorPoolStrategy(size=s.concurrency),
-                            num_cpus=s.num_cpus, num_gpus=s.num_gpus,
-                            **({"memory": s.memory_gb * 2**30} if s.memory_gb > 0 else {}))
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        yield batch.to_pylist()
+    return pools
+
+
+def _ray_options(pool: ActorPoolConfig) -> dict[str, Any]:
+    import ray
+
+    return {"compute": ray.data.ActorPoolStrategy(size=pool.concurrency), "num_cpus": pool.num_cpus,
+            "num_gpus": pool.num_gpus, **({"memory": pool.memory_gb * 2**30} if pool.memory_gb > 0 else {})}
+
+
+def _ray_shards(cfg: Config, shards: dict[int, list[dict[str, Any]]], out: Path, report: dict[str, Any]
+                ) -> Iterator[dict[str, Any]]:
+    """Shard summaries from the Ray Data pipeline, streaming, in the layout ``actor_pools`` picks."""
+    import ray
+
+    pools = _start_ray(cfg, report)
+    if pools[0][0] == STAGE_NAMES:  # the chain: its actors build and write whole shards
+        blocks = [pa.Table.from_pylist(records, schema=WORK_SCHEMA) for records in shards.values()]
+        ds = ray.data.from_arrow(blocks).map_batches(ShardBuilder, fn_constructor_args=(cfg, str(out)),
+                                                     batch_size=None, batch_format="pyarrow", **_ray_options(pools[0][1]))
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            yield from (json.loads(summary) for summary in batch.column("summary").to_pylist())
+    else:  # one pool per stage, streaming rows; the driver finishes each shard once all its rows are out
+        records = [r for rs in shards.values() for r in rs]
+        first = pools[0][1]
+        first.batch_size = min(first.batch_size, math.ceil(len(records) / first.concurrency))  # small inputs reach every actor
+        ds = ray.data.from_items(records, override_num_blocks=math.ceil(len(records) / first.batch_size))
+        for names, pool in pools:
+            ds = ds.map_batches(StageChain, fn_constructor_args=(cfg, names), batch_format="pyarrow",
+                                batch_size=pool.batch_size, **_ray_options(pool))
+        pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.to_pylist():
+                pending[row["shard"]].append(row)
+                if len(pending[row["shard"]]) == len(shards[row["shard"]]):
+                    yield finish_shard(out, row["shard"], pending.pop(row["shard"]), cfg)
     report["ray_data_stats"] = ds.stats()
 
 
-def _local_batches(cfg: Config, records: list[dict[str, Any]], report: dict[str, Any]
-                   ) -> Iterator[list[dict[str, Any]]]:
-    """The same stage chain in a plain loop, one batch through all stages at a time: no Ray needed (the GPU
-    benchmark machine has none) and the baseline the Ray pipeline is measured against."""
-    chain = StageChain(cfg)
-    chunk = chain.batch_sizes[0]
-    for begin in range(0, len(records), chunk):
-        yield chain.run([dict(r) for r in records[begin:begin + chunk]])
+def _local_shards(cfg: Config, shards: dict[int, list[dict[str, Any]]], out: Path, report: dict[str, Any]
+                  ) -> Iterator[dict[str, Any]]:
+    """The same stage chain and shard writing in a plain loop: no Ray needed (the GPU benchmark machine has none)
+    and the baseline the Ray pipeline is measured against."""
+    builder = ShardBuilder(cfg, str(out))
+    for index, records in shards.items():
+        yield builder.build(index, records)
 
 
-EXECUTORS = {"ray": _ray_batches, "local": _local_batches}
+EXECUTORS = {"ray": _ray_shards, "local": _local_shards}
 
 
 def _check_manifest(out: Path, manifest: dict[str, Any], overwrite: bool) -> None:
@@ -258,29 +315,27 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
         f"building {len(todo)} → {out}")
     start = time.perf_counter()
     rows_seen: list[dict[str, Any]] = []
-    arrivals: list[tuple[float, int]] = []  # (seconds since start, rows) of each batch that came out
+    arrivals: list[tuple[float, int]] = []  # (seconds since start, records) of each finished shard
     pair_counts: Counter[str] = Counter()
     report: dict[str, Any] = {}
     if todo:
-        work = [{**r, "shard": i} for i in todo for r in shards[i]]
-        pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        expected = {i: len(shards[i]) for i in todo}
-        written = 0
-        for rows in EXECUTORS[executor](cfg, work, report):
+        work = {i: [{**r, "shard": i} for r in shards[i]] for i in todo}
+        for written, summary in enumerate(EXECUTORS[executor](cfg, work, out, report), start=1):
+            index, rows = summary["shard"], summary["rows"]
             arrivals.append((time.perf_counter() - start, len(rows)))
-            for row in rows:
-                pending[row["shard"]].append(row)
-                rows_seen.append({k: row[k] for k in ("reject_stage", *(f"t_{n}" for n in STAGE_NAMES))})
-                if len(pending[row["shard"]]) == expected[row["shard"]]:
-                    samples, rejects, counts = assemble_shard(pending.pop(row["shard"]), cfg.data)
-                    write_shard(out, row["shard"], samples, rejects, cfg)
-                    pair_counts.update(counts)
-                    written += 1
-                    rate = len(rows_seen) / (time.perf_counter() - start)
-                    log(f"[build] shard {row['shard']} written ({written}/{len(todo)}): {len(samples)} samples, "
-                        f"{len(rejects)} rejects, {rate:.2f} records/s")
-        if pending:  # cannot happen unless a stage lost rows; never leave a silently short shard
-            raise RuntimeError(f"shards {sorted(pending)} did not receive all their rows")
+            if len(rows) != len(shards[index]):  # cannot happen unless a stage lost rows; never a silently short shard
+                raise RuntimeError(f"shard {index} was written from {len(rows)} of its {len(shards[index])} records")
+            if not (out / SAMPLES_DIR / shard_name(index)).exists():
+                raise ConfigError(f"shard {index} was written by a Ray worker but '{out}' does not show it here: the "
+                                  f"chain layout writes shards from the workers, so the output must be on a file "
+                                  f"system every node shares; or set data.stage_layout=per_stage")
+            rows_seen += rows
+            pair_counts.update(summary["frame_pairs"])
+            rate = len(rows_seen) / (time.perf_counter() - start)
+            log(f"[build] shard {index} written ({written}/{len(todo)}): {summary['samples']} samples, "
+                f"{summary['rejects']} rejects, {rate:.2f} records/s")
+        if len(arrivals) != len(todo):  # cannot happen unless a stage lost rows; never end with shards missing
+            raise RuntimeError(f"{len(todo) - len(arrivals)} shard(s) never received all their records")
         if "ray_data_stats" in report:
             (out / "ray_data_stats.txt").write_text(report["ray_data_stats"])
     wall = time.perf_counter() - start

@@ -1,7 +1,8 @@
 """The dataset builder's stages: small classes whose ``__init__`` loads the model once and whose ``run`` maps a list of
-work rows. ``StageChain`` strings some or all of them together; it is the callable Ray Data's ``map_batches`` runs
-in each actor (one pool per stage, or one for the whole chain) and the Ray-free loop runs in-process. Without Ray
-the stages can also be timed alone (the benchmark does).
+work rows. ``StageChain`` strings some or all of them together: Ray Data's ``map_batches`` runs a one-stage chain in
+each actor of the per-stage layout, and ``mpalign.data.build.ShardBuilder`` runs the whole chain on each shard (in
+the chain layout's actors, or in the Ray-free loop). Without Ray the stages can also be timed alone (the benchmark
+does).
 
 A batch is a ``pyarrow.Table`` of work rows (``WORK_SCHEMA``): one row per input record, carried through every stage.
 A row that a stage rejects keeps flowing with ``reject_reason`` set and later stages pass it through untouched, so
@@ -247,8 +248,7 @@ STAGES = {cls.name: cls for cls in (DecodeStage, PhraseStage, DetectStage, Segme
 
 
 class StageChain:
-    """Stages run one after another on each batch, in one process: what a Ray Data actor pool maps (one stage per
-    pool, or all of them) and what the Ray-free loop runs. Each stage takes the rows in its own
+    """Stages run one after another on each batch, in one process. Each stage takes the rows in its own
     ``data.stages.<name>.batch_size`` slices."""
 
     def __init__(self, cfg: Config, names: tuple[str, ...] = STAGE_NAMES) -> None:
