@@ -7,12 +7,12 @@
 Every run goes through ``build_dataset`` (same records, same stages, same shard writing); only the executor differs.
 Throughput is reported end to end (model loading / actor start included) and as the steady rate over the last
 three quarters of the records (what a large build runs at), with the fixed start-up cost that separates the two and
-the number of records from which the Ray build's longer start-up is paid back. The sequential loop runs with torch's default thread count and with one thread (what each 1-CPU actor
-gets); the Ray pipeline runs with both stage layouts (``data.stage_layout``: one actor pool running the whole
-chain, the default on CPUs, and one pool per stage) and its chain layout is compared with the faster sequential run.
-The sequential runs share this warm process (imports done), while Ray's actors import torch, transformers and
-spaCy afresh, so the start-up comparison favours the sequential loop.
-``--size full`` needs no Ray for the stage-alone timings; the whole pipeline runs on Ray when it is
+the number of records from which the Ray build's longer start-up is paid back. The sequential loop runs with
+torch's default thread count and with one thread (what each 1-CPU actor gets); the Ray pipeline runs with both
+stage layouts (``data.stage_layout``: one actor pool running the whole chain, the default on CPUs, and one pool per
+stage) and its chain layout is compared with the faster sequential run. The sequential runs share this warm process
+(imports done), while Ray's actors import torch, transformers and spaCy afresh, so the start-up comparison favours
+the sequential loop. ``--size full`` needs no Ray for the stage-alone timings; the whole pipeline runs on Ray when it is
 installed, else sequentially (and says so). Without spaCy (the GPU image lacks it) the phrase stage is skipped and
 the sample's ground-truth phrases feed the detector.
 """
