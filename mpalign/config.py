@@ -93,8 +93,8 @@ class DataConfig:
     # How the Ray pipeline maps stages to actor pools: "per_stage" (one pool per stage, data.stages.<name>, so CPU
     # stages overlap GPU ones; the driver writes the shards), "chain" (one pool, data.chain, whose actors each build
     # and write whole shards: on CPUs, where all stages share the same cores, this saves four hand-offs between
-    # processes, and no sample passes through the driver), "auto" (per_stage when the cluster has GPUs or a stage
-    # asks for one, chain otherwise).
+    # processes, and no sample passes through the driver), "auto" (chain when data.chain asks for GPUs or nothing
+    # does and the cluster has none; per_stage otherwise).
     stage_layout: str = "auto"
     chain: ActorPoolConfig = field(default_factory=ActorPoolConfig)
     stages: dict[str, StageConfig] = field(default_factory=dict)  # by stage name; in the chain only batch_size counts

@@ -265,6 +265,8 @@ def test_auto_layout_chains_every_stage_on_cpus_and_splits_them_on_gpus():
     gpu = _pools(["data.stages.encode.num_gpus=1", "data.stages.encode.concurrency=2"], {"CPU": 16.0, "GPU": 2.0})
     assert [names for names, _ in gpu] == [(name,) for name in STAGE_NAMES]
     assert [s["concurrency"] for _, s in gpu] == [1, 1, 1, 1, 2] and gpu[-1][1]["num_gpus"] == 1.0
+    chain_on_gpus = _pools(["data.chain.num_gpus=0.5"], {"CPU": 16.0, "GPU": 2.0})  # asked for: not ignored
+    assert chain_on_gpus == [(STAGE_NAMES, {"concurrency": 4, "num_cpus": 1.0, "num_gpus": 0.5, "memory_gb": 0.0})]
 
 
 def test_pools_are_scaled_down_to_fit_the_cluster():

@@ -119,9 +119,10 @@ def actor_pools(cfg: Config, cluster: dict[str, float]) -> list[tuple[tuple[str,
         raise ConfigError(f"unknown dataset stage(s) {', '.join(unknown)} in data.stages; stages: {', '.join(STAGE_NAMES)}")
     per_stage = {name: data.stages.get(name, StageConfig()) for name in STAGE_NAMES}
     layout = data.stage_layout
-    if layout == "auto":
-        wants_gpus = any(s.num_gpus > 0 for s in per_stage.values())
-        layout = "per_stage" if cluster.get("GPU", 0.0) > 0 or wants_gpus else "chain"
+    if layout == "auto":  # GPUs asked of the chain, or none anywhere: the chain; else one pool per stage
+        stages_want_gpus = any(s.num_gpus > 0 for s in per_stage.values())
+        chain = data.chain.num_gpus > 0 or not (cluster.get("GPU", 0.0) > 0 or stages_want_gpus)
+        layout = "chain" if chain else "per_stage"
     chosen = [(STAGE_NAMES, data.chain)] if layout == "chain" else [((n,), s) for n, s in per_stage.items()]
     pools = []
     for names, settings in chosen:

@@ -241,7 +241,7 @@ class EncodeStage(Stage):
         for i, row in enumerate(rows):
             for key, values in out.items():
                 row[key] = pack_array(values[i])
-            row["image_rgb"] = None  # raw pixels end here: the PNG in "image" goes on to the driver
+            row["image_rgb"] = None  # raw pixels end here: the PNG in "image" goes on to the shard's writer
 
 
 STAGES = {cls.name: cls for cls in (DecodeStage, PhraseStage, DetectStage, SegmentStage, EncodeStage)}
