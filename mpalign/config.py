@@ -40,6 +40,9 @@ class SampleDataConfig:
     num_videos: int = 6
     image_size: int = 128
     seed: int = 0
+    caption_style: str = "full"  # full | kind | mixed: how captions name objects (see mpalign/sample_data.py)
+    # leave out the shape x colour x texture combinations the toy benchmark holds out for its references
+    exclude_held_out: bool = False
 
 
 @dataclass
@@ -73,6 +76,10 @@ class DataConfig:
     max_image_side: int = 8192
     max_aspect_ratio: float = 4.0
     max_subjects: int = 4
+    # where subject boxes come from: "detector" (Grounding DINO) or "annotations" (each record's own "objects",
+    # phrase + box: data sets that come with boxes, and the toy world, whose generator knows them exactly)
+    boxes: str = "detector"
+    masks: str = "sam"  # "sam": SAM prompted by the box; "box": the box itself is the subject's mask
     box_threshold: float = 0.35
     text_threshold: float = 0.25
     max_box_overlap_iou: float = 0.9  # a second subject whose box overlaps an earlier one more than this is dropped
@@ -102,7 +109,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # "tiny": random small models from configs; "pretrained": load the ids/paths below
+    # "tiny": random small models from configs (unit tests); "toy": small models trained on the procedural world,
+    # shipped in mpalign/toy/weights (or model.toy_weights); "pretrained": load the ids/paths below
+    preset: str = "tiny"
+    toy_weights: str = ""  # "" = the shipped toy weights
     dtype: str = "float32"
     device: str = "auto"  # "auto" = cuda when available, else cpu
     sdxl: str = "stabilityai/stable-diffusion-xl-base-1.0"

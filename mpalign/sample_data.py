@@ -11,7 +11,12 @@ Output (one folder):
 
   ``image`` is a path relative to the JSONL file (absolute paths work too); ``video_id``/``frame_idx`` mark frames
   of one clip (two frames per clip here: the same objects moved and rescaled). ``objects`` is ground truth the
-  generator knows (boxes normalised to [0, 1]); the dataset builder does not read it, tests compare against it.
+  generator knows (boxes normalised to [0, 1], each object's shape, colour and texture); the dataset builder reads
+  its boxes only when ``data.boxes: annotations`` (the toy world), tests compare against it.
+
+``caption_style`` says how captions name objects: ``full`` ("a dotted blue ring"), ``kind`` ("a ring": colour and
+texture can only come from a reference image, what the toy world trains adapters on) or ``mixed`` (each object either
+way, what the toy text-to-image UNet is pretrained on).
 """
 
 from __future__ import annotations
@@ -43,17 +48,34 @@ BACKGROUNDS = {
 }
 
 
+CAPTION_STYLES = ("full", "kind", "mixed")
+
+
+def is_held_out(shape: str, color: str, texture: str) -> bool:
+    """About a fifth of the shape x colour x texture combinations, never drawn when a sample excludes them: the toy
+    benchmark's references use only these, so an adapter must transfer an identity it has never seen. Every single
+    shape, colour and texture still occurs in training."""
+    return (SHAPES.index(shape) + 3 * list(COLORS).index(color) + 2 * TEXTURES.index(texture)) % 5 == 0
+
+
 @dataclass
 class SampleObject:
     shape: str
     color: str
     texture: str
     box: tuple[float, float, float, float]  # normalised x0, y0, x1, y1
+    named_attributes: bool = True  # False: the caption names only the shape ("a ball")
 
     @property
     def phrase(self) -> str:
+        if not self.named_attributes:
+            return self.shape
         texture = "" if self.texture == "plain" else f"{self.texture} "
         return f"{texture}{self.color} {self.shape}"
+
+    def annotation(self) -> dict:
+        return {"phrase": self.phrase, "box": list(self.box), "shape": self.shape, "color": self.color,
+                "texture": self.texture}
 
 
 def _background(rng: np.random.Generator, size: int, base: tuple[int, int, int], kind: str) -> Image.Image:
@@ -153,15 +175,28 @@ def _place_boxes(rng: random.Random, n: int) -> list[tuple[float, float, float, 
     return boxes
 
 
-def _random_objects(rng: random.Random, n: int) -> list[SampleObject]:
+def random_identity(rng: random.Random, shape: str, exclude_held_out: bool) -> tuple[str, str]:
+    """A colour and texture for ``shape``; with ``exclude_held_out``, never one of the benchmark's combinations."""
+    while True:
+        color, texture = rng.choice(list(COLORS)), rng.choice(TEXTURES)
+        if not (exclude_held_out and is_held_out(shape, color, texture)):
+            return color, texture
+
+
+def _random_objects(rng: random.Random, n: int, cfg: SampleDataConfig) -> list[SampleObject]:
     shapes = rng.sample(SHAPES, n)  # distinct shapes, so every phrase names one object
-    return [SampleObject(s, rng.choice(list(COLORS)), rng.choice(TEXTURES), b) for s, b in zip(shapes, _place_boxes(rng, n))]
+    objects = [SampleObject(s, *random_identity(rng, s, cfg.exclude_held_out), b)
+               for s, b in zip(shapes, _place_boxes(rng, n))]
+    if cfg.caption_style != "full":  # the default draws nothing more, so default samples stay byte-identical
+        for obj in objects:
+            obj.named_attributes = cfg.caption_style == "mixed" and rng.random() < 0.5
+    return objects
 
 
 def _moved(rng: random.Random, objects: list[SampleObject]) -> list[SampleObject]:
     """The next frame: every object moved and rescaled (boxes re-drawn, identities kept, order shuffled)."""
     boxes = _place_boxes(rng, len(objects))
-    out = [SampleObject(o.shape, o.color, o.texture, b) for o, b in zip(objects, boxes)]
+    out = [SampleObject(o.shape, o.color, o.texture, b, o.named_attributes) for o, b in zip(objects, boxes)]
     rng.shuffle(out)
     return out
 
@@ -169,6 +204,8 @@ def _moved(rng: random.Random, objects: list[SampleObject]) -> list[SampleObject
 def generate_sample_dataset(out_dir: str | Path, cfg: SampleDataConfig | None = None) -> Path:
     """Write the sample dataset to ``out_dir``; same config, same bytes. Returns the path of ``records.jsonl``."""
     cfg = cfg or SampleDataConfig()
+    if cfg.caption_style not in CAPTION_STYLES:
+        raise ValueError(f"data.sample.caption_style must be one of {CAPTION_STYLES}, got '{cfg.caption_style}'")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
@@ -180,12 +217,12 @@ def generate_sample_dataset(out_dir: str | Path, cfg: SampleDataConfig | None = 
         render(objects, background, cfg.image_size, np_rng).save(out / path)
         records.append({"id": rid, "image": path, "caption": caption_for(objects, background), "video_id": video_id,
                         "frame_idx": frame_idx,
-                        "objects": [{"phrase": o.phrase, "box": list(o.box)} for o in objects]})
+                        "objects": [o.annotation() for o in objects]})
 
     for i in range(cfg.num_images):
-        emit(f"img-{i:04d}", _random_objects(rng, 1 + i % 4), rng.choice(list(BACKGROUNDS)))
+        emit(f"img-{i:04d}", _random_objects(rng, 1 + i % 4, cfg), rng.choice(list(BACKGROUNDS)))
     for v in range(cfg.num_videos):
-        objects = _random_objects(rng, 1 + (v % 3))
+        objects = _random_objects(rng, 1 + (v % 3), cfg)
         background = rng.choice(list(BACKGROUNDS))
         emit(f"vid-{v:03d}-f0", objects, background, video_id=f"vid-{v:03d}", frame_idx=0)
         emit(f"vid-{v:03d}-f1", _moved(rng, objects), background, video_id=f"vid-{v:03d}", frame_idx=8)

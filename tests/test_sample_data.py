@@ -47,3 +47,21 @@ def test_ensure_regenerates_only_when_config_changes(tmp_path):
     assert ensure_sample_dataset(cfg, tmp_path).stat().st_mtime_ns == stamp
     bigger = SampleDataConfig(num_images=3, num_videos=1, image_size=32)
     assert len(_read(ensure_sample_dataset(bigger, tmp_path))) == 5
+
+
+def test_caption_styles_and_held_out_identities(tmp_path):
+    from mpalign.sample_data import is_held_out
+
+    kind = _read(generate_sample_dataset(tmp_path / "kind", SampleDataConfig(
+        num_images=40, num_videos=2, image_size=32, caption_style="kind", exclude_held_out=True)))
+    for rec in kind:
+        for obj in rec["objects"]:
+            assert obj["phrase"] == obj["shape"]  # "a ball": colour and texture only in the pixels
+            assert f"{obj['color']} {obj['shape']}" not in rec["caption"]
+            assert not is_held_out(obj["shape"], obj["color"], obj["texture"])
+    mixed = _read(generate_sample_dataset(tmp_path / "mixed", SampleDataConfig(
+        num_images=40, num_videos=0, image_size=32, caption_style="mixed")))
+    named = [o["phrase"] != o["shape"] for r in mixed for o in r["objects"]]
+    assert 0.2 < sum(named) / len(named) < 0.8
+    full = _read(generate_sample_dataset(tmp_path / "full", SampleDataConfig(num_images=200, num_videos=0, image_size=16)))
+    assert any(is_held_out(o["shape"], o["color"], o["texture"]) for r in full for o in r["objects"])
