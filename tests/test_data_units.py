@@ -118,6 +118,42 @@ def test_detect_stage_rejects_records_without_an_acceptable_box():
     assert out[0]["reject_reason"] == "no_detection" and out[0]["reject_stage"] == "detect"
 
 
+def test_annotated_boxes_go_to_the_phrases_that_name_them():
+    from mpalign.data.detection import annotated_boxes
+
+    found = annotated_boxes(["striped ball", "ring", "sand"], ["ring", "ball", "ball"],
+                            [[0.5, 0.5, 1, 1], [0, 0, 0.4, 0.4], [0.1, 0.1, 0.2, 0.2]])
+    assert found[0].box == (0, 0, 0.4, 0.4) and found[1].box == (0.5, 0.5, 1, 1) and found[2] is None
+    assert annotated_boxes(["ball", "ball"], ["ball"], [[0, 0, 1, 1]])[1] is None  # one annotation, one phrase
+    assert annotated_boxes(["football"], ["ball"], [[0, 0, 1, 1]]) == [None]  # whole words only
+
+
+def test_annotation_stages_use_the_records_boxes_and_box_masks():
+    from mpalign.data.schema import pack_array
+    from mpalign.data.stages import SegmentStage
+
+    cfg = load_config(overrides=["data.boxes=annotations", "data.masks=box"])
+    detect, segment = DetectStage(cfg), SegmentStage(cfg)
+    assert detect.detector is None and segment.sam is None  # no model loaded that the rows do not need
+    rows = [{"id": "a", "reject_reason": None, "phrases": ["ball", "sky"], "phrase_char_spans": [[2, 6], [14, 17]],
+             "phrase_token_positions": [[1], [4]], "annotated_phrases": ["ball"],
+             "annotated_boxes": [[0.25, 0.25, 0.75, 0.75]],
+             "image_rgb": pack_array(np.full((64, 64, 3), 90, np.uint8))}]
+    rows = segment.run(detect.run(rows))
+    assert rows[0]["phrases"] == ["ball"] and rows[0]["boxes"] == [[0.25, 0.25, 0.75, 0.75]]
+    assert decode_png(rows[0]["masks"][0]).sum() == 32 * 32 * (255 if decode_png(rows[0]["masks"][0]).max() > 1 else 1)
+
+
+def test_records_carry_their_objects_and_bad_objects_are_rejected(tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    lines = [{"id": "ok", "image": "a.png", "caption": "a ball", "objects": [{"phrase": "ball", "box": [0, 0, 0.5, 0.5]}]},
+             {"id": "bad", "image": "a.png", "caption": "a ball", "objects": [{"phrase": "ball", "box": [0.5, 0, 0.2, 1]}]}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ok, bad = read_records(tmp_path / "r.jsonl")
+    assert ok["annotated_phrases"] == ["ball"] and ok["annotated_boxes"] == [[0, 0, 0.5, 0.5]]
+    assert bad["reject_reason"] == "bad_record" and "not a normalised box" in bad["reject_detail"]
+
+
 def test_a_stage_error_costs_only_the_record_that_caused_it():
     class Fragile(Stage):
         name = "decode"
@@ -286,6 +322,8 @@ def test_pools_are_scaled_down_to_fit_the_cluster():
     (["data.stages.encode.num_gpus=1"], "ask for GPUs but the Ray cluster has none"),
     (["data.stage_layout=chain", "data.chain.num_gpus=1"], "ask for GPUs but the Ray cluster has none"),
     (["data.chain.concurrency=2", "data.chain.memory_gb=16"], "reserve 32.0 GB of memory"),
+    (["data.boxes=gt"], "data.boxes must be one of detector, annotations"),
+    (["data.masks=grabcut"], "data.masks must be one of sam, box"),
 ])
 def test_bad_pool_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -114,6 +114,9 @@ def actor_pools(cfg: Config, cluster: dict[str, float]) -> list[tuple[tuple[str,
     data = cfg.data
     if data.stage_layout not in STAGE_LAYOUTS:
         raise ConfigError(f"data.stage_layout must be one of {', '.join(STAGE_LAYOUTS)}, got '{data.stage_layout}'")
+    for key, allowed in (("boxes", ("detector", "annotations")), ("masks", ("sam", "box"))):
+        if getattr(data, key) not in allowed:
+            raise ConfigError(f"data.{key} must be one of {', '.join(allowed)}, got '{getattr(data, key)}'")
     unknown = sorted(set(data.stages) - set(STAGE_NAMES))
     if unknown:
         raise ConfigError(f"unknown dataset stage(s) {', '.join(unknown)} in data.stages; stages: {', '.join(STAGE_NAMES)}")

@@ -46,6 +46,25 @@ def phrase_token_spans(input_ids: Sequence[int], num_phrases: int) -> list[list[
     return (spans + [[]] * num_phrases)[:num_phrases]
 
 
+def annotated_boxes(phrases: Sequence[str], annotated_phrases: Sequence[str],
+                    boxes: Sequence[Sequence[float]]) -> list[Detection | None]:
+    """Boxes a record brings with it (``data.boxes: annotations``) for the caption's subject phrases: a phrase takes the
+    first unused annotation whose phrase it contains, word for word ("a red ball" takes "red ball" or "ball");
+    phrases no annotation names get None and are dropped, like phrases the detector finds no box for."""
+    used: set[int] = set()
+    out: list[Detection | None] = []
+    for phrase in phrases:
+        words = f" {' '.join(phrase.lower().split())} "
+        match = next((i for i, name in enumerate(annotated_phrases)
+                      if i not in used and f" {' '.join(name.lower().split())} " in words), None)
+        if match is None:
+            out.append(None)
+        else:
+            used.add(match)
+            out.append(Detection(tuple(float(v) for v in boxes[match]), 1.0))
+    return out
+
+
 def cxcywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     cx, cy, w, h = boxes[..., 0], boxes[..., 1], boxes[..., 2], boxes[..., 3]
     return np.clip(np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1), 0.0, 1.0)

@@ -41,9 +41,12 @@ def split_of(key: str, val_fraction: float, seed: int = 0) -> str:
 
 
 def _record(rid: str | None, image_path: str, image_bytes: bytes | None, caption: Any, video_id: Any = None,
-            frame_idx: Any = None, reject: tuple[str, str] | None = None) -> dict[str, Any]:
+            frame_idx: Any = None, reject: tuple[str, str] | None = None,
+            annotations: tuple[list[str], list[list[float]]] | None = None) -> dict[str, Any]:
     return {"id": rid, "image_path": image_path, "image_bytes": image_bytes, "caption": caption,
             "video_id": video_id, "frame_idx": frame_idx,
+            "annotated_phrases": annotations[0] if annotations else None,
+            "annotated_boxes": annotations[1] if annotations else None,
             "reject_reason": reject[0] if reject else None, "reject_detail": reject[1] if reject else None,
             "reject_stage": "read" if reject else None}
 
@@ -74,13 +77,38 @@ def _from_mapping(raw: Any, base: Path, line: int) -> dict[str, Any]:
         problem = f"video_id must be a string or integer, got {type(video_id).__name__}"
     elif frame_idx is not None and (isinstance(frame_idx, bool) or not isinstance(frame_idx, int)):
         problem = f"frame_idx must be an integer, got {frame_idx!r}"
+    annotations = None
+    if problem is None and raw.get("objects") is not None:
+        annotations, problem = _annotations(raw["objects"])
     if rid is None:
         rid = derived_id(image_path or _digest(image_bytes or b""), caption)
     record = _record(str(rid), image_path, image_bytes, caption if isinstance(caption, str) else "",
-                     None if video_id is None else str(video_id), frame_idx if isinstance(frame_idx, int) else None)
+                     None if video_id is None else str(video_id), frame_idx if isinstance(frame_idx, int) else None,
+                     annotations=annotations)
     if problem:
         record.update(reject_reason="bad_record", reject_detail=f"line {line}: {problem}", reject_stage="read")
     return record
+
+
+def _annotations(objects: Any) -> tuple[tuple[list[str], list[list[float]]] | None, str | None]:
+    """A record's ``objects`` (``[{"phrase": ..., "box": [x0, y0, x1, y1]}, ...]``, boxes normalised): the boxes the
+    builder uses with ``data.boxes: annotations``. Returns (phrases, boxes) or the problem with them."""
+    if not isinstance(objects, list):
+        return None, f"objects must be a list, got {type(objects).__name__}"
+    phrases, boxes = [], []
+    for i, obj in enumerate(objects):
+        box = obj.get("box") if isinstance(obj, dict) else None
+        phrase = obj.get("phrase") if isinstance(obj, dict) else None
+        if not isinstance(phrase, str) or not phrase.strip():
+            return None, f"objects[{i}] needs a non-empty 'phrase'"
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                                 for v in box)):
+            return None, f"objects[{i}].box must be [x0, y0, x1, y1]"
+        if not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+            return None, f"objects[{i}].box {box} is not a normalised box (0 <= x0 < x1 <= 1, same for y)"
+        phrases.append(phrase)
+        boxes.append([float(v) for v in box])
+    return (phrases, boxes), None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -169,7 +197,7 @@ def fingerprint(records: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for r in records:
         h.update(json.dumps([r["id"], r["image_path"], r["caption"], r["video_id"], r["frame_idx"],
-                             r["reject_reason"]]).encode())
+                             r["reject_reason"], r.get("annotated_phrases"), r.get("annotated_boxes")]).encode())
         if r["image_bytes"] is not None:
             h.update(hashlib.sha1(r["image_bytes"]).digest())
     return h.hexdigest()

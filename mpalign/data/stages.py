@@ -21,11 +21,11 @@ import pyarrow as pa
 from PIL import Image
 
 from mpalign.config import Config, StageConfig
-from mpalign.data.detection import detect_boxes
+from mpalign.data.detection import annotated_boxes, detect_boxes
 from mpalign.data.images import RejectRecord, decode_image
 from mpalign.data.phrases import NounLexicon, extract_phrases, token_positions
 from mpalign.data.schema import BOX, decode_png, encode_png, pack_array, unpack_array
-from mpalign.data.segmentation import background_filled_crop, segment_boxes
+from mpalign.data.segmentation import background_filled_crop, box_mask, segment_boxes
 
 STAGE_NAMES = ("decode", "phrases", "detect", "segment", "encode")
 
@@ -33,6 +33,7 @@ _ARRAY = pa.binary()
 WORK_SCHEMA = pa.schema([
     ("id", pa.string()), ("image_path", pa.string()), ("image_bytes", pa.binary()), ("caption", pa.string()),
     ("video_id", pa.string()), ("frame_idx", pa.int32()), ("shard", pa.int32()),
+    ("annotated_phrases", pa.list_(pa.string())), ("annotated_boxes", pa.list_(BOX)),
     ("reject_reason", pa.string()), ("reject_detail", pa.string()), ("reject_stage", pa.string()),
     ("image_rgb", _ARRAY), ("image", pa.binary()), ("original_size", pa.list_(pa.int32(), 2)),
     ("crop_top_left", pa.list_(pa.int32(), 2)),
@@ -141,7 +142,8 @@ def _pixels(row: dict[str, Any]) -> np.ndarray:
 
 
 class DetectStage(Stage):
-    """One Grounding DINO box per phrase; phrases without an acceptable box are dropped."""
+    """One box per phrase: Grounding DINO's (``data.boxes: detector``) or the record's own annotation
+    (``data.boxes: annotations``); phrases without an acceptable box are dropped."""
 
     name = "detect"
 
@@ -149,11 +151,15 @@ class DetectStage(Stage):
         super().__init__(cfg)
         from mpalign.zoo import load_grounding_dino
 
-        self.detector = load_grounding_dino(cfg.model)
+        self.detector = load_grounding_dino(cfg.model) if cfg.data.boxes == "detector" else None
 
     def process(self, rows: list[dict[str, Any]]) -> None:
-        detections = detect_boxes(self.detector, [_pixels(r) for r in rows], [r["phrases"] for r in rows],
-                                  self.cfg.data)
+        if self.detector is None:
+            detections = [annotated_boxes(r["phrases"], r["annotated_phrases"] or [], r["annotated_boxes"] or [])
+                          for r in rows]
+        else:
+            detections = detect_boxes(self.detector, [_pixels(r) for r in rows], [r["phrases"] for r in rows],
+                                      self.cfg.data)
         for row, found in zip(rows, detections):
             keep = [i for i, d in enumerate(found) if d is not None]
             if not keep:
@@ -165,7 +171,8 @@ class DetectStage(Stage):
 
 
 class SegmentStage(Stage):
-    """SAM masks prompted by the boxes, and the background-filled reference crop of every subject."""
+    """Subject masks, SAM's prompted by the boxes (``data.masks: sam``) or the boxes themselves (``box``), and the
+    background-filled reference crop of every subject."""
 
     name = "segment"
 
@@ -173,11 +180,14 @@ class SegmentStage(Stage):
         super().__init__(cfg)
         from mpalign.zoo import load_sam
 
-        self.sam = load_sam(cfg.model)
+        self.sam = load_sam(cfg.model) if cfg.data.masks == "sam" else None
 
     def process(self, rows: list[dict[str, Any]]) -> None:
         images = [_pixels(r) for r in rows]
-        all_masks = segment_boxes(self.sam, images, [r["boxes"] for r in rows])
+        if self.sam is None:
+            all_masks = [np.stack([box_mask(b, *image.shape[:2]) for b in r["boxes"]]) for r, image in zip(rows, images)]
+        else:
+            all_masks = segment_boxes(self.sam, images, [r["boxes"] for r in rows])
         for row, image, masks in zip(rows, images, all_masks):
             row["masks"] = [encode_png(m) for m in masks]
             row["crops"] = [encode_png(background_filled_crop(image, m, b, self.cfg.data.crop_size))
