@@ -20,7 +20,9 @@ import torch
 
 from mpalign.config import ModelConfig
 
-PRESETS = ("tiny", "pretrained")
+PRESETS = ("tiny", "toy", "pretrained")
+# The toy preset's weights, trained by ``python -m mpalign.toy.pretrain`` and shipped with the package.
+TOY_WEIGHTS_DIR = Path(__file__).resolve().parent / "toy" / "weights"
 
 
 class ModelLoadError(RuntimeError):
@@ -71,6 +73,20 @@ def _seeded(seed: int):
 def _check_preset(cfg: ModelConfig) -> None:
     if cfg.preset not in PRESETS:
         raise ValueError(f"model.preset must be one of {PRESETS}, got '{cfg.preset}'")
+
+
+def toy_weights(cfg: ModelConfig, role: str) -> str:
+    """The folder of one role of the toy preset (``sdxl``, ``clip``, ``dinov2``, ``classifier``)."""
+    path = (Path(cfg.toy_weights) if cfg.toy_weights else TOY_WEIGHTS_DIR) / role
+    if not (path / "config.json").is_file() and not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"the toy preset's '{role}' weights are not at '{path}'. Train them with "
+                             f"`python -m mpalign.toy.pretrain` (or set model.toy_weights to the folder that has them)")
+    return str(path)
+
+
+def _source(cfg: ModelConfig, role: str, pretrained_name: str) -> str:
+    """Where a pretrained role loads from: its id / folder in the config, or the toy preset's folder."""
+    return toy_weights(cfg, role) if cfg.preset == "toy" else pretrained_name
 
 
 def _place(module: torch.nn.Module, cfg: ModelConfig, dtype: str | torch.dtype | None = None, device: str | None = None):
@@ -166,8 +182,9 @@ def load_sdxl_tokenizers(cfg: ModelConfig) -> tuple[Any, Any]:
         return tiny_clip_tokenizer(), tiny_clip_tokenizer()
     from transformers import CLIPTokenizer
 
-    return (_pretrained(CLIPTokenizer, cfg.sdxl, "SDXL tokenizer", subfolder="tokenizer"),
-            _pretrained(CLIPTokenizer, cfg.sdxl, "SDXL tokenizer 2", subfolder="tokenizer_2"))
+    name = _source(cfg, "sdxl", cfg.sdxl)
+    return (_pretrained(CLIPTokenizer, name, "SDXL tokenizer", subfolder="tokenizer"),
+            _pretrained(CLIPTokenizer, name, "SDXL tokenizer 2", subfolder="tokenizer_2"))
 
 
 def _load_sdxl_parts(cfg: ModelConfig, dtype: str | torch.dtype | None, device: str | None,
@@ -179,7 +196,7 @@ def _load_sdxl_parts(cfg: ModelConfig, dtype: str | torch.dtype | None, device: 
         from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        name = cfg.sdxl
+        name = _source(cfg, "sdxl", cfg.sdxl)
         tokenizer, tokenizer_2 = load_sdxl_tokenizers(cfg)
         parts = SDXLComponents(
             unet=_pretrained(UNet2DConditionModel, name, "SDXL UNet", subfolder="unet") if with_unet else None,
@@ -200,7 +217,8 @@ def _load_sdxl_parts(cfg: ModelConfig, dtype: str | torch.dtype | None, device: 
 
 
 def load_sdxl(cfg: ModelConfig, dtype: str | torch.dtype | None = None, device: str | None = None) -> SDXLComponents:
-    """The SDXL parts: from a diffusers repo id / folder (subfolders unet, vae, text_encoder, ...) or the tiny preset."""
+    """The SDXL parts: from a diffusers repo id / folder (subfolders unet, vae, text_encoder, ...), the toy preset's
+    folder, or the tiny preset."""
     return _load_sdxl_parts(cfg, dtype, device, with_unet=True)
 
 
@@ -241,11 +259,13 @@ def load_image_encoder(cfg: ModelConfig, dtype=None, device=None) -> EncoderWith
     else:
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-        sub = {"subfolder": cfg.image_encoder_subfolder} if cfg.image_encoder_subfolder else {}
-        model = _pretrained(CLIPVisionModelWithProjection, cfg.image_encoder, "CLIP image encoder", **sub)
+        # the toy preset's image encoder is the vision tower of its full CLIP (the class loads it from that folder)
+        name = _source(cfg, "clip", cfg.image_encoder)
+        sub = {"subfolder": cfg.image_encoder_subfolder} if cfg.image_encoder_subfolder and cfg.preset != "toy" else {}
+        model = _pretrained(CLIPVisionModelWithProjection, name, "CLIP image encoder", **sub)
         # Image-encoder folders (IP-Adapter's among them) often ship no preprocessor file; CLIP's defaults are right.
         try:
-            processor = CLIPImageProcessor.from_pretrained(cfg.image_encoder, local_files_only=_offline(), **sub)
+            processor = CLIPImageProcessor.from_pretrained(name, local_files_only=_offline(), **sub)
         except (OSError, ValueError):
             size = model.config.image_size
             processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
@@ -274,7 +294,7 @@ def load_dinov2(cfg: ModelConfig, dtype=None, device=None, name: str | None = No
     else:
         from transformers import AutoImageProcessor, Dinov2Model
 
-        name = name or cfg.dinov2
+        name = _source(cfg, "dinov2", name or cfg.dinov2)
         enc = EncoderWithProcessor(_pretrained(Dinov2Model, name, "DINOv2 model"),
                                    _pretrained(AutoImageProcessor, name, "DINOv2 image processor"))
     _place(enc.model, cfg, dtype, device).requires_grad_(False)
@@ -317,9 +337,10 @@ def _tiny_grounding_dino(seed: int) -> EncoderWithProcessor:
 
 
 def load_grounding_dino(cfg: ModelConfig, dtype=None, device=None) -> EncoderWithProcessor:
-    """Open-vocabulary detector that turns a subject phrase into a box."""
+    """Open-vocabulary detector that turns a subject phrase into a box. The toy preset keeps the tiny random one: the
+    toy world's records carry their boxes (``data.boxes: annotations``)."""
     _check_preset(cfg)
-    if cfg.preset == "tiny":
+    if cfg.preset in ("tiny", "toy"):
         enc = _tiny_grounding_dino(cfg.seed + 30)
     else:
         from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
@@ -361,9 +382,10 @@ def _tiny_sam(seed: int) -> EncoderWithProcessor:
 
 
 def load_sam(cfg: ModelConfig, dtype=None, device=None) -> EncoderWithProcessor:
-    """Segment Anything, prompted with the detected boxes, gives each subject's mask."""
+    """Segment Anything, prompted with the detected boxes, gives each subject's mask. The toy preset keeps the tiny
+    random one: the toy world masks subjects by their boxes (``data.masks: box``)."""
     _check_preset(cfg)
-    if cfg.preset == "tiny":
+    if cfg.preset in ("tiny", "toy"):
         enc = _tiny_sam(cfg.seed + 40)
     else:
         from transformers import SamModel, SamProcessor
@@ -430,8 +452,8 @@ def save_tiny_zoo(out_dir: str | Path, seed: int = 0) -> dict[str, str]:
 
 
 def load_clip_model(cfg: ModelConfig, name: str, dtype=None, device=None) -> EncoderWithProcessor:
-    """A full CLIP (``CLIPModel`` + ``CLIPProcessor``) by id or folder; the tiny preset builds one with the tiny CLIP
-    tokenizer's vocabulary and the tiny image encoder's vision tower sizes."""
+    """A full CLIP (``CLIPModel`` + ``CLIPProcessor``) by id or folder; the toy preset loads its own trained one, the
+    tiny preset builds one with the tiny CLIP tokenizer's vocabulary and the tiny image encoder's vision tower sizes."""
     _check_preset(cfg)
     from transformers import CLIPModel, CLIPProcessor
 
@@ -456,6 +478,7 @@ def load_clip_model(cfg: ModelConfig, name: str, dtype=None, device=None) -> Enc
         )
         enc = EncoderWithProcessor(model, processor)
     else:
+        name = _source(cfg, "clip", name)
         enc = EncoderWithProcessor(_pretrained(CLIPModel, name, "CLIP model"),
                                    _pretrained(CLIPProcessor, name, "CLIP processor"))
     _place(enc.model, cfg, dtype, device).requires_grad_(False)
