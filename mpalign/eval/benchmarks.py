@@ -27,7 +27,7 @@ from mpalign.config import REPO_ROOT, EvalConfig
 
 log = logging.getLogger(__name__)
 
-BUILTIN_BENCHMARKS = ("msbench", "dreambench")
+BUILTIN_BENCHMARKS = ("msbench", "dreambench", "toy")
 DREAMBENCH_BOX = [0.25, 0.25, 0.75, 0.75]  # MS-Diffusion sec. 4.1: every DreamBench input box is preset to this
 
 
@@ -56,7 +56,11 @@ def data_root(cfg: EvalConfig) -> Path:
 def load_benchmark(cfg: EvalConfig) -> list[BenchmarkSample]:
     """The samples of ``cfg.benchmark`` (``msbench``, ``dreambench`` or a JSON/JSONL file), at most ``cfg.limit``
     (0 = all) taken round-robin over groups so that a small limit still covers every combination type."""
-    if cfg.benchmark in BUILTIN_BENCHMARKS:
+    if cfg.benchmark == "toy":  # made, not read: held-out identities of the toy world (mpalign.toy.benchmark)
+        from mpalign.toy.benchmark import toy_samples
+
+        samples, interleave_by = toy_samples(Path(cfg.output_dir) / "toy-references"), _by_group
+    elif cfg.benchmark in BUILTIN_BENCHMARKS:
         root = data_root(cfg)
         if not (root / cfg.benchmark).is_dir():
             raise UserInputError(f"benchmark data '{root / cfg.benchmark}' not found: set eval.data_root or "

@@ -30,7 +30,16 @@ from mpalign.encoders import clip_image_embeds, clip_text_embeds, dinov2_feature
 from mpalign.zoo import EncoderWithProcessor
 
 METRICS = ("clip_i", "clip_t", "dino", "m_dino")
-METRIC_NAMES = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO", "m_dino": "M-DINO"}
+# The toy benchmark's exact scores (mpalign.toy.benchmark): present only in its evaluations
+IDENTITY_METRICS = ("identity", "identity_color", "identity_shape", "identity_texture", "placement")
+METRIC_NAMES = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO", "m_dino": "M-DINO", "identity": "identity",
+                "identity_color": "identity: colour", "identity_shape": "identity: shape",
+                "identity_texture": "identity: texture", "placement": "placement"}
+
+
+def scored_metrics(scores: pd.DataFrame) -> list[str]:
+    """The metric columns an evaluation has: always ``METRICS``, the identity scores on the toy benchmark."""
+    return [m for m in (*METRICS, *IDENTITY_METRICS) if m in scores.columns]
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -102,4 +111,4 @@ def score_images(clip: EncoderWithProcessor, dino: EncoderWithProcessor, generat
 def aggregate(scores: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     """Mean of every metric and the number of generated images, per combination of the ``by`` columns."""
     grouped = scores.groupby(list(by), sort=True)
-    return grouped[list(METRICS)].mean().join(grouped.size().rename("images")).reset_index()
+    return grouped[scored_metrics(scores)].mean().join(grouped.size().rename("images")).reset_index()

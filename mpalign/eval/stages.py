@@ -89,12 +89,18 @@ class ReferenceCache:
                 for refs in references]
 
 
-def score_rows(rows: list[dict[str, Any]], clip, dino, references: ReferenceCache) -> list[dict[str, Any]]:
-    """Score generated-image rows (as :func:`generate_rows` returns them); adds the metric columns."""
+def score_rows(rows: list[dict[str, Any]], clip, dino, references: ReferenceCache,
+               identity=None) -> list[dict[str, Any]]:
+    """Score generated-image rows (as :func:`generate_rows` returns them); adds the metric columns, and the toy
+    benchmark's identity scores when ``identity`` (a ``mpalign.toy.benchmark.IdentityScorer``) is given."""
     if not rows:
         return []
-    scores = score_images(clip, dino, [load_rgb(r["image_path"]) for r in rows], [r["prompt"] for r in rows],
+    images = [load_rgb(r["image_path"]) for r in rows]
+    scores = score_images(clip, dino, images, [r["prompt"] for r in rows],
                           [r["boxes"] for r in rows], [references.get(r["references"]) for r in rows])
+    if identity is not None:
+        extra = identity.score(images, [r["boxes"] for r in rows], [r["subjects"] for r in rows])
+        scores = [{**s, **e} for s, e in zip(scores, extra)]
     return [{**{k: v for k, v in row.items() if k not in _REQUEST_ONLY}, **s} for row, s in zip(rows, scores)]
 
 
@@ -105,9 +111,15 @@ class ScoringStage:
         self.clip = load_clip_model(cfg.model, cfg.eval.clip_model)
         self.dino = load_dinov2(cfg.model, name=cfg.eval.dino_model)
         self.references = ReferenceCache(self.clip, self.dino)
+        self.identity = None
+        if cfg.eval.benchmark == "toy":
+            from mpalign.toy.benchmark import IdentityScorer
+
+            self.identity = IdentityScorer(cfg.model)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist(score_rows(batch.to_pylist(), self.clip, self.dino, self.references))
+        return pa.Table.from_pylist(score_rows(batch.to_pylist(), self.clip, self.dino, self.references,
+                                               self.identity))
 
 
 def actor_gpus(cfg: Config) -> float:
