@@ -1,4 +1,4 @@
-# Two commands: `make demo` (the whole pipeline on the tiny preset) and `make test` (the test suite).
+# Two commands: `make demo` (the whole pipeline in the toy world) and `make test` (the test suite).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CPU build of torch unless one is already installed: GPU users install their CUDA torch into $(VENV) first.
@@ -24,22 +24,24 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
-# The whole pipeline on the tiny preset, each step the command a user would run: zoo check, dataset build (sample
-# images + frame pairs), training, generation with the trained adapter, an alpha/layer sweep, evaluation.
-SHARED_DATA ?= $(or $(MPALIGN_SHARED_DATA),../shared/data)
-DEMO_BENCH = $(if $(wildcard $(SHARED_DATA)/msbench/msbench_meta.json),msbench,$(DEMO_OUT)/sample-bench.jsonl)
+# The whole pipeline in the toy world (configs/toy.yaml: small models trained by the project, shipped in
+# mpalign/toy/weights), each step the command a user would run: zoo check, dataset build (procedural images + frame
+# pairs, captions that name only each object's kind), training, generation from two held-out references (with a
+# sheet: references | layout | image), a sweep ranked by identity, evaluation on the toy benchmark.
+TOY = --config configs/toy.yaml
 demo: install
-	$(PY) -m mpalign.zoo_summary
-	$(PY) pipelines/build_dataset.py --output $(DEMO_OUT)/dataset
-	$(PY) -m mpalign.train --overwrite --set data.path=$(DEMO_OUT)/dataset --set train.output_dir=$(DEMO_OUT)/train
-	$(PY) -m mpalign.generate --adapter $(DEMO_OUT)/train/adapter --out $(DEMO_OUT)/generated.png \
-	  --prompt "a red ball and a striped blue cube on grass" \
-	  --subject outputs/sample-input/images/img-0001.png --box 0.05,0.3,0.45,0.7 --phrase ball \
-	  --subject outputs/sample-input/images/img-0002.png --box 0.55,0.3,0.95,0.7 --phrase cube
-	$(PY) tune/sweep_alpha.py --overwrite --set data.path=$(DEMO_OUT)/dataset --set tune.output_dir=$(DEMO_OUT)/tune
-	$(PY) -m mpalign.sample_data --benchmark $(DEMO_OUT)/sample-bench.jsonl
-	$(PY) -m mpalign.evaluate --benchmark $(DEMO_BENCH) --adapter $(DEMO_OUT)/train/adapter --out $(DEMO_OUT)/eval --limit 4
-	@echo "demo finished: dataset, adapter, sweep and report under $(DEMO_OUT)"
+	$(PY) -m mpalign.zoo_summary $(TOY)
+	$(PY) pipelines/build_dataset.py $(TOY) --output $(DEMO_OUT)/dataset
+	$(PY) -m mpalign.train $(TOY) --overwrite --set data.path=$(DEMO_OUT)/dataset --set train.output_dir=$(DEMO_OUT)/train
+	$(PY) -m mpalign.toy.benchmark $(DEMO_OUT)/references
+	$(PY) -m mpalign.generate $(TOY) --adapter $(DEMO_OUT)/train/adapter --out $(DEMO_OUT)/generated.png \
+	  --prompt "a ball and a ring on grass" --steps 20 --guidance-scale 4 \
+	  --subject $(DEMO_OUT)/references/ball.png --box 0.05,0.3,0.45,0.7 --phrase ball \
+	  --subject $(DEMO_OUT)/references/ring.png --box 0.55,0.3,0.95,0.7 --phrase ring
+	$(PY) tune/sweep_alpha.py $(TOY) --overwrite --set data.path=$(DEMO_OUT)/dataset --set tune.output_dir=$(DEMO_OUT)/tune \
+	  --set train.max_steps=200 --set train.warmup_steps=100 --set train.val_every=100
+	$(PY) -m mpalign.evaluate $(TOY) --benchmark toy --adapter $(DEMO_OUT)/train/adapter --out $(DEMO_OUT)/eval --limit 16
+	@echo "demo finished: dataset, adapter, $(DEMO_OUT)/generated.sheet.png, sweep and report under $(DEMO_OUT)"
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

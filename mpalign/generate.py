@@ -5,8 +5,8 @@
         --subject cat.jpg --box 0.5,0.3,0.95,0.95 --phrase cat \\
         [--adapter DIR] [--config configs/sdxl.yaml] [--set key=value ...] --out out.png
 
-Writes ``out.png`` (``out-1.png``, ... for more images), ``out.preview.png`` (the boxes drawn on the image) and
-``out.config.yaml`` (the resolved config). Without ``--adapter`` a freshly initialised adapter is used (smoke runs).
+Writes ``out.png`` (``out-1.png``, ... for more images), ``out.preview.png`` (the boxes drawn on the image),
+``out.sheet.png`` (references, layout and image side by side) and ``out.config.yaml`` (the resolved config). Without ``--adapter`` a freshly initialised adapter is used (smoke runs).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         boxes = [parse_box(b) for b in args.box]
-        from mpalign.pipeline import check_subjects, draw_boxes
+        from mpalign.pipeline import check_subjects, contact_sheet, draw_boxes
 
         # Argument mistakes surface before minutes of model loading.
         check_subjects(args.subject, boxes, args.phrase, cfg.model.max_subjects, args.subject_scale)
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     for path, image in zip(output_paths(out, len(generated)), generated):
         image.save(path)
         draw_boxes(image, boxes, args.phrase).save(path.with_suffix(".preview.png"))
-        print(f"wrote {path} and {path.with_suffix('.preview.png')}")
+        contact_sheet(images, boxes, args.phrase, image).save(path.with_suffix(".sheet.png"))
+        print(f"wrote {path}, {path.with_suffix('.preview.png')} and {path.with_suffix('.sheet.png')}")
     cfg.save(out.with_suffix(".config.yaml"))
     print(f"{len(generated)} image(s) in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0

@@ -64,6 +64,19 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], phrases: Se
     return preview
 
 
+def contact_sheet(references: Sequence[Image.Image], boxes: Sequence[Sequence[float]], phrases: Sequence[str],
+                  generated: Image.Image, tile: int = 256) -> Image.Image:
+    """References, the layout (boxes with their phrases on white) and the generated image side by side, each
+    ``tile`` pixels high: what a person checks first (are the references' subjects in their boxes?)."""
+    layout = draw_boxes(Image.new("RGB", (tile, tile), "white"), boxes, phrases)
+    panels = [*(r.convert("RGB").resize((tile, tile), Image.NEAREST) for r in references), layout,
+              draw_boxes(generated.convert("RGB").resize((tile, tile), Image.NEAREST), boxes, phrases)]
+    sheet = Image.new("RGB", (len(panels) * (tile + 8) - 8, tile), "white")
+    for i, panel in enumerate(panels):
+        sheet.paste(panel, (i * (tile + 8), 0))
+    return sheet
+
+
 class MPAlignPipeline:
     """SDXL + CLIP image encoder + MS adapter. ``pipe`` is the underlying ``StableDiffusionXLPipeline``."""
 
