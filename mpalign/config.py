@@ -134,6 +134,9 @@ class ModelConfig:
     resampler_ff_mult: int = 4
     fourier_freqs: int = 8
     grounding_drop_prob: float = 0.1
+    # What one grounding-token drop replaces: "sample" (all subjects of a training element at once: the release's data
+    # generator and resampler) or "subject" (each subject on its own draw). The paper gives only the probability.
+    grounding_drop_per: str = "sample"
     scale: float = 0.6
     # dual alignment
     align_blocks: list[str] = field(default_factory=lambda: ["down", "mid"])

@@ -61,11 +61,24 @@ def _pixels(processor, images: Sequence[Image.Image], device, dtype) -> torch.Te
     return processor(images=list(images), return_tensors="pt").pixel_values.to(device=device, dtype=dtype)
 
 
+# The release resizes every subject image to this square (aspect not kept) before CLIP's processor, whose resize and
+# centre crop then keep the whole image; going through the same 512 px square keeps our pixels equal to its pixels.
+REFERENCE_SQUARE_SIDE = 512
+
+
+def square_references(images: Sequence[Image.Image]) -> list[Image.Image]:
+    """Subject images squashed to ``REFERENCE_SQUARE_SIDE``² (bicubic, PIL's default, as the release): nothing of a
+    non-square reference is cropped away by the CLIP processor's centre crop."""
+    side = REFERENCE_SQUARE_SIDE
+    return [img.convert("RGB").resize((side, side), Image.BICUBIC) for img in images]
+
+
 @torch.no_grad()
 def clip_hidden_states(image_encoder: EncoderWithProcessor, images: Sequence[Image.Image]) -> torch.Tensor:
-    """Penultimate hidden states of the CLIP image encoder, all tokens (N, T, D): what the resampler reads."""
+    """Penultimate hidden states of the CLIP image encoder, all tokens (N, T, D), of the subject images squared by
+    :func:`square_references`: what the resampler reads (generation, evaluation, training, the dataset cache)."""
     device, dtype = _device_dtype(image_encoder.model)
-    pixels = _pixels(image_encoder.processor, images, device, dtype)
+    pixels = _pixels(image_encoder.processor, square_references(images), device, dtype)
     return image_encoder.model(pixels, output_hidden_states=True).hidden_states[-2]
 
 

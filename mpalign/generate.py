@@ -5,8 +5,13 @@
         --subject cat.jpg --box 0.5,0.3,0.95,0.95 --phrase cat \\
         [--adapter DIR] [--config configs/sdxl.yaml] [--set key=value ...] --out out.png
 
+Without any --box every subject's box is the whole image (no layout). --auto-layout-threshold T [--auto-layout-start
+N] switches each subject's region to where its phrase's text attention exceeds T after N steps (phrases must be words
+of the prompt); --controlnet ID_OR_PATH --control-image IMG adds an SDXL ControlNet.
+
 Writes ``out.png`` (``out-1.png``, ... for more images), ``out.preview.png`` (the boxes drawn on the image),
-``out.sheet.png`` (references, layout and image side by side) and ``out.config.yaml`` (the resolved config). Without ``--adapter`` a freshly initialised adapter is used (smoke runs).
+``out.sheet.png`` (references, layout and image side by side) and ``out.config.yaml`` (the resolved config). Without
+``--adapter`` a freshly initialised adapter is used (smoke runs).
 """
 
 from __future__ import annotations
@@ -36,12 +41,12 @@ def parse_box(text: str) -> list[float]:
     return box
 
 
-def read_image(path: str) -> Image.Image:
+def read_image(path: str, role: str = "subject image") -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError) as exc:
-        raise UsageError(f"cannot read subject image '{path}': {exc.__class__.__name__}: {exc}") from None
+        raise UsageError(f"cannot read {role} '{path}': {exc.__class__.__name__}: {exc}") from None
 
 
 def output_paths(out: Path, count: int) -> list[Path]:
@@ -54,14 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--subject", action="append", default=[], metavar="IMG", help="subject image, one per subject")
     parser.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1",
-                        help="the subject's box as fractions of the image, one per subject; 0,0,0,0 for every "
-                             "subject = no layout")
+                        help="the subject's box as fractions of the image, one per subject; no --box at all = no "
+                             "layout (every box is the whole image)")
     parser.add_argument("--phrase", action="append", default=[], help="what the subject is (e.g. dog), one per subject")
     parser.add_argument("--subject-scale", action="append", type=float, default=None,
                         help="per-subject image weight, one per subject when given")
     parser.add_argument("--adapter", default=None, help="adapter folder (save_adapter output or a converted checkpoint)")
     parser.add_argument("--scale", type=float, default=None, help="image-branch weight (default: model.scale)")
     parser.add_argument("--drop-grounding", action="store_true", help="use learnable queries instead of phrase+box")
+    parser.add_argument("--auto-layout-threshold", type=float, default=None, metavar="T",
+                        help="auto layout guidance: after --auto-layout-start steps each subject's region is where "
+                             "its phrase's text attention (min-max normalised) exceeds T (the release uses 0.5)")
+    parser.add_argument("--auto-layout-start", type=int, default=5, metavar="N",
+                        help="denoising steps that use the boxes before auto layout takes over (default 5)")
+    parser.add_argument("--controlnet", default=None, metavar="ID_OR_PATH", help="an SDXL ControlNet (hub id or folder)")
+    parser.add_argument("--control-image", default=None, metavar="IMG", help="the ControlNet's condition image")
+    parser.add_argument("--controlnet-scale", type=float, default=1.0,
+                        help="controlnet_conditioning_scale (default 1.0; the release's example uses 0.7)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
@@ -77,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
-        boxes = [parse_box(b) for b in args.box]
-        from mpalign.pipeline import check_subjects, contact_sheet, draw_boxes
+        boxes = [parse_box(b) for b in args.box] or None
+        from mpalign.models.attention import AutoLayout
+        from mpalign.pipeline import check_subjects, contact_sheet, draw_boxes, layout_or_whole_image, phrase_token_mask
+        from mpalign.zoo import load_sdxl_tokenizers
 
         # Argument mistakes surface before minutes of model loading.
         check_subjects(args.subject, boxes, args.phrase, cfg.model.max_subjects, args.subject_scale)
@@ -87,16 +103,25 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--adapter '{args.adapter}' is not a folder")
         if args.num_images < 1 or args.steps < 1:
             raise UsageError("--num-images and --steps must be at least 1")
+        if bool(args.controlnet) != bool(args.control_image):
+            raise UsageError("--controlnet and --control-image go together: give both or neither")
+        control_image = read_image(args.control_image, "control image") if args.control_image else None
+        auto_layout = None
+        if args.auto_layout_threshold is not None:
+            auto_layout = AutoLayout(threshold=args.auto_layout_threshold, start_step=args.auto_layout_start)
+            phrase_token_mask(load_sdxl_tokenizers(cfg.model)[0], args.prompt, args.phrase, cfg.model.max_subjects)
         from mpalign.pipeline import MPAlignPipeline
 
         started = time.perf_counter()
-        pipe = MPAlignPipeline.from_config(cfg, adapter_dir=args.adapter, device=args.device)
+        pipe = MPAlignPipeline.from_config(cfg, adapter_dir=args.adapter, device=args.device,
+                                           controlnet=args.controlnet)
         pipe.pipe.set_progress_bar_config(disable=False)
         generated = pipe.generate(
             args.prompt, images, boxes, args.phrase, negative_prompt=args.negative_prompt, scale=args.scale,
             subject_scales=args.subject_scale, drop_grounding=args.drop_grounding, guidance_scale=args.guidance_scale,
             num_inference_steps=args.steps, seed=args.seed, height=args.height, width=args.width,
-            num_images=args.num_images)
+            num_images=args.num_images, auto_layout=auto_layout, control_image=control_image,
+            controlnet_conditioning_scale=args.controlnet_scale)
     except (ConfigError, ModelLoadError, ValueError, FileNotFoundError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
@@ -104,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     for path, image in zip(output_paths(out, len(generated)), generated):
         image.save(path)
-        draw_boxes(image, boxes, args.phrase).save(path.with_suffix(".preview.png"))
-        contact_sheet(images, boxes, args.phrase, image).save(path.with_suffix(".sheet.png"))
+        layout = layout_or_whole_image(boxes, len(images))
+        draw_boxes(image, layout, args.phrase).save(path.with_suffix(".preview.png"))
+        contact_sheet(images, layout, args.phrase, image).save(path.with_suffix(".sheet.png"))
         print(f"wrote {path}, {path.with_suffix('.preview.png')} and {path.with_suffix('.sheet.png')}")
     cfg.save(out.with_suffix(".config.yaml"))
     print(f"{len(generated)} image(s) in {time.perf_counter() - started:.1f}s", file=sys.stderr)

@@ -415,6 +415,20 @@ def load_spacy(cfg: ModelConfig):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# ControlNet (generation only)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_controlnet(cfg: ModelConfig, name: str, dtype=None, device=None):
+    """An SDXL ``ControlNetModel`` by hub id or folder, in every preset (a ControlNet is chosen per run, like an
+    adapter; tests save a small one built with ``ControlNetModel.from_unet``)."""
+    from diffusers import ControlNetModel
+
+    model = _pretrained(ControlNetModel, name, "ControlNet")
+    return _place(model, cfg, dtype, device).requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Writing the tiny zoo in the layout real checkpoints use
 # --------------------------------------------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import torch
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 
 from mpalign.models.adapter import MSAdapter
-from mpalign.models.attention import AlignmentRecorder, box_cell_masks, latent_grid
+from mpalign.models.attention import AlignmentRecorder, AutoLayout, box_cell_masks, latent_grid
 
 WIDTH, TOKEN_DIM, HEADS, SIDE, TEXT = 32, 64, 2, 8, 7
 SUBJECTS, TOKENS, DUMMY = 3, 4, 2
@@ -142,7 +142,7 @@ def test_sdpa_path_equals_explicit_path(setup, case):
     elif case == "subject_scales":
         kwargs["ms_subject_scales"] = torch.tensor([[0.5, 1.5, 0.0], [1.0, 0.2, 2.0]])
     elif case == "no_layout":
-        inputs = dict(inputs, boxes=torch.zeros_like(inputs["boxes"]))
+        inputs = dict(inputs, boxes=torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(2, SUBJECTS, 4).clone())
     elif case == "overlap":
         overlapping = torch.tensor([[0.0, 0.0, 0.7, 0.7], [0.3, 0.3, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
         inputs = dict(inputs, boxes=overlapping.expand(2, -1, -1))
@@ -154,17 +154,67 @@ def test_sdpa_path_equals_explicit_path(setup, case):
 
 
 @torch.no_grad()
-def test_no_layout_mode_conditions_every_cell(setup):
+def test_no_layout_is_every_box_the_whole_image_and_never_uses_the_dummy_tokens(setup):
     adapter, attn, inputs = setup
-    no_layout = dict(inputs, boxes=torch.zeros_like(inputs["boxes"]))
-    out = run(adapter, attn, no_layout)
+    whole = dict(inputs, boxes=torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(2, SUBJECTS, 4).clone())
+    out = run(adapter, attn, whole)
+    tokens = adapter.image_tokens(whole["clip"], whole["phrases"], whole["boxes"], whole["mask"])
+    no_layout = attn(inputs["hidden"], torch.cat((inputs["text"], tokens), 1), ms_boxes=None)
+    assert torch.equal(out, no_layout)  # ms_boxes=None is the release with boxes [0, 0, 1, 1]
     adapter.set_scale(0.0)
-    text_only = run(adapter, attn, no_layout)
+    text_only = run(adapter, attn, whole)
     adapter.set_scale(1.0)
-    assert (out != text_only).any(-1).all()
-    tokens = adapter.image_tokens(no_layout["clip"], no_layout["phrases"], no_layout["boxes"], no_layout["mask"])
-    unmasked = attn(inputs["hidden"], torch.cat((inputs["text"], tokens), 1), ms_boxes=None)
-    torch.testing.assert_close(out, unmasked)
+    assert (out != text_only).any(-1).all()  # every cell is conditioned
+    saved = adapter.dummy_tokens.detach().clone()
+    adapter.dummy_tokens.add_(torch.randn_like(saved) * 3.0)
+    try:
+        # the dummy tokens are seen from no cell (they only ever serve cells outside every box, which are zeroed)
+        assert torch.equal(run(adapter, attn, whole), out)
+    finally:
+        adapter.dummy_tokens.copy_(saved)
+
+
+@torch.no_grad()
+def test_all_zero_boxes_get_no_image_conditioning_as_the_release(setup):
+    adapter, attn, inputs = setup
+    zero = dict(inputs, boxes=torch.zeros_like(inputs["boxes"]))
+    out = run(adapter, attn, zero)
+    adapter.set_scale(0.0)
+    text_only = run(adapter, attn, zero)
+    adapter.set_scale(1.0)
+    assert torch.equal(out, text_only)
+
+
+@torch.no_grad()
+def test_auto_layout_regions_follow_the_phrase_text_attention_from_the_start_step(setup):
+    adapter, attn, inputs = setup
+    processor = adapter.ip_layers[0]
+    phrase_tokens = torch.zeros(1, SUBJECTS, TEXT, dtype=torch.bool)
+    for j in range(SUBJECTS):
+        phrase_tokens[0, j, 1 + 2 * j:3 + 2 * j] = True  # subject j's phrase: text tokens 2j+1 and 2j+2
+    auto = AutoLayout(threshold=0.5, start_step=1)
+    auto.reset(phrase_tokens)
+    boxes = cells(BOXES[0].tolist()).expand(2, -1, -1)
+    before = run(adapter, attn, inputs, ms_auto_layout=auto)
+    torch.testing.assert_close(before, run(adapter, attn, inputs), rtol=1e-5, atol=1e-6)
+    assert torch.equal(auto.latest[processor], boxes) and auto.sources == [(0, "boxes")]
+    auto.on_step_end(None, 0, None, {})  # the pipeline's callback after step 0
+    base = run(adapter, attn, inputs, ms_auto_layout=auto)
+    regions = auto.latest[processor]
+    # the phrase maps computed here from the layer's own text attention: mean over phrase tokens and heads
+    heads = attn.heads
+    q = attn.to_q(inputs["hidden"]).unflatten(-1, (heads, -1)).transpose(1, 2)
+    k = attn.to_k(inputs["text"]).unflatten(-1, (heads, -1)).transpose(1, 2)
+    probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+    maps = torch.stack([probs[..., 1 + 2 * j:3 + 2 * j].mean(-1).mean(1) for j in range(SUBJECTS)], dim=1)
+    low, high = maps.amin(-1, keepdim=True), maps.amax(-1, keepdim=True)
+    assert torch.equal(regions, (maps - low) / (high - low + 1e-5) > 0.5)
+    assert not torch.equal(regions, boxes) and auto.sources[-1] == (1, "attention")
+    for j in range(SUBJECTS):  # the image branch now follows the attention regions, not the boxes
+        perturbed = dict(inputs, clip=inputs["clip"].clone())
+        perturbed["clip"][:, j] += torch.randn_like(perturbed["clip"][:, j])
+        changed = (run(adapter, attn, perturbed, ms_auto_layout=auto) != base).any(-1)
+        assert torch.equal(changed, regions[:, j])
 
 
 @torch.no_grad()

@@ -161,6 +161,18 @@ def test_drops_happen_only_in_training(module, batches, monkeypatch):
     assert module.training  # validation_losses restores the mode
 
 
+def test_grounding_tokens_drop_per_sample_by_default_or_per_subject(module, monkeypatch):
+    monkeypatch.setattr(module.cfg.model, "grounding_drop_prob", 0.5)
+    per_sample = module._grounding_drops(64, 4, torch.Generator().manual_seed(0))
+    # the release: one draw per training element drops all of its subjects' grounding tokens together
+    assert (per_sample == per_sample[:, :1]).all() and per_sample.any() and not per_sample.all()
+    monkeypatch.setattr(module.cfg.model, "grounding_drop_per", "subject")
+    per_subject = module._grounding_drops(64, 4, torch.Generator().manual_seed(0))
+    assert not (per_subject == per_subject[:, :1]).all()
+    with pytest.raises(ValueError, match="grounding_drop_per must be one of"):
+        MPAlignTrainingModule(load_config(overrides=["model.grounding_drop_per=element"]), *[None] * 5)
+
+
 def test_v_prediction_target():
     config = DDPMScheduler().config
     latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])

@@ -11,7 +11,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from mpalign.config import ModelConfig
-from mpalign.models.attention import MultiSubjectAttnProcessor, SelfAttnTapProcessor, block_of
+from mpalign.models.attention import MultiSubjectAttnProcessor, SelfAttnTapProcessor, TextOnlyAttnProcessor, block_of
 from mpalign.models.resampler import GroundingResampler
 
 
@@ -112,6 +112,16 @@ class MSAdapter(ModelMixin, ConfigMixin):
                 processors[name] = SelfAttnTapProcessor(block_of(name))
         unet.set_attn_processor(processors)
         self.set_scale(scale)
+
+    def attach_text_only(self, model) -> None:
+        """Give the cross-attention layers of a model that runs beside the adapted UNet on the same encoder hidden
+        states (a ControlNet) processors that attend to the text tokens only: the image tokens are for the UNet's
+        masked image branch, and a plain processor would let every cell of the ControlNet attend to them."""
+        current = model.attn_processors
+        model.set_attn_processor({
+            name: TextOnlyAttnProcessor(self.num_image_tokens) if layer.is_cross_attention else current[name]
+            for name, layer in unet_attention_layers(model)
+        })
 
     def set_scale(self, scale: float) -> None:
         for processor in self.ip_layers:

@@ -5,11 +5,14 @@ Every ``attn2`` layer of the UNet gets a :class:`MultiSubjectAttnProcessor`; its
 ``[text (77); dummy tokens (D); subject 0 tokens (K); ...; subject S-1 tokens (K)]`` (the official layout), and the
 layout arrives through the UNet's ``cross_attention_kwargs``:
 
-- ``ms_boxes`` (B, S, 4) boxes x0, y0, x1, y1 in [0, 1]; batch 1 broadcasts. ``None``: no layout for anyone.
+- ``ms_boxes`` (B, S, 4) boxes x0, y0, x1, y1 in [0, 1]; batch 1 broadcasts. ``None``: no layout, i.e. every
+  subject's box is the whole image (exactly the release with boxes [0, 0, 1, 1]).
 - ``ms_subject_mask`` (B, S) bool, True for real subjects (default: all real).
 - ``ms_subject_scales`` (B, S) or (S,) float, per-subject image-branch weights (default 1).
 - ``ms_latent_hw`` (h, w) of the UNet's input latents, for non-square images (default: square grids).
 - ``ms_recorder`` an :class:`AlignmentRecorder` that collects the alignment taps (default: nothing recorded).
+- ``ms_auto_layout`` an :class:`AutoLayout`: from its start step on, each subject's region is where its phrase's text
+  attention is high instead of its box (default: the boxes throughout).
 
 Every ``attn1`` layer gets a :class:`SelfAttnTapProcessor` (diffusers' ``AttnProcessor2_0`` plus the tap).
 """
@@ -67,36 +70,30 @@ def box_cell_masks(boxes: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return (in_rows[..., :, None] & in_cols[..., None, :]).flatten(-2)
 
 
+def box_regions(boxes: torch.Tensor | None, subject_mask: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(B, S, N) bool: the cells of each real subject's box; ``boxes=None`` gives every real subject the whole image.
+    An all-zero box covers no cell (floor(0) = ceil(0)), as in the release."""
+    if boxes is None:
+        return subject_mask[..., None].expand(-1, -1, rows * cols)
+    return box_cell_masks(boxes, rows, cols) & subject_mask[..., None]
+
+
 @dataclass
 class LayoutMasks:
-    """Who may attend to what in one layer, for a batch of B elements, S subjects and N query cells.
+    """Who may attend to what in one layer, for a batch of B elements, S subjects and N query cells: a real subject's
+    tokens are seen only from its region's cells, the dummy tokens only from cells outside every region, and the image
+    branch's output is zero outside every region; padded subjects are seen from nowhere (the release's rule)."""
 
-    An element is in *no-layout* mode when it has real subjects and all their boxes are all-zero: then every cell
-    sees every real subject and the dummy tokens, and nothing is zeroed. Otherwise a real subject with a box is seen
-    only from its box's cells, the dummy tokens only from cells outside every box, and the image branch's output is
-    zero outside every box; padded subjects (and real ones with an all-zero box) are seen from nowhere."""
-
-    regions: torch.Tensor  # (B, S, N) bool: cells of each subject's box (all cells for a subject without layout)
+    regions: torch.Tensor  # (B, S, N) bool: cells of each subject's region (its box, or its auto-layout mask)
     token_visible: torch.Tensor  # (B, N, D + S * K) bool
     keep: torch.Tensor  # (B, N) bool: cells where the image branch contributes
 
 
-def layout_masks(boxes: torch.Tensor | None, subject_mask: torch.Tensor, rows: int, cols: int, num_dummy: int,
-                 num_tokens: int) -> LayoutMasks:
-    batch, num_subjects = subject_mask.shape
-    num_cells = rows * cols
-    if boxes is None:
-        boxes = torch.zeros(batch, num_subjects, 4, device=subject_mask.device)
-    located = subject_mask & (boxes.abs().sum(-1) > 0)  # (B, S)
-    no_layout = subject_mask.any(-1) & ~located.any(-1)  # (B,)
-    cells = box_cell_masks(boxes, rows, cols) & located[..., None]  # (B, S, N)
-    covered = cells.any(1)  # (B, N)
-    everywhere = no_layout[:, None, None] & subject_mask[..., None]
-    regions = cells | everywhere.expand(-1, -1, num_cells)
-    dummy_visible = (no_layout[:, None] | ~covered)[..., None].expand(-1, -1, num_dummy)
+def layout_masks(regions: torch.Tensor, num_dummy: int, num_tokens: int) -> LayoutMasks:
+    covered = regions.any(1)  # (B, N)
+    dummy_visible = (~covered)[..., None].expand(-1, -1, num_dummy)
     subject_visible = regions.transpose(1, 2).repeat_interleave(num_tokens, dim=-1)  # (B, N, S * K)
-    keep = no_layout[:, None] | covered
-    return LayoutMasks(regions, torch.cat((dummy_visible, subject_visible), dim=-1), keep)
+    return LayoutMasks(regions, torch.cat((dummy_visible, subject_visible), dim=-1), covered)
 
 
 def additive_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -144,6 +141,76 @@ class AlignmentRecorder:
 
     def close(self) -> None:
         self.closed = True
+
+
+def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
+    """Scale each map (last dim: cells) to [0, 1] (the release's normalisation, with its 1e-5 guard)."""
+    low, high = maps.amin(-1, keepdim=True), maps.amax(-1, keepdim=True)
+    return (maps - low) / (high - low + 1e-5)
+
+
+@dataclass
+class AutoLayout:
+    """Auto layout guidance (the release's pseudo layout, paper appendix "pseudo layout guidance"): every
+    multi-subject layer records, at each denoising step, the text cross-attention map of each subject's phrase (mean
+    over the phrase's tokens and the heads); from step ``start_step`` on (0-based: the first ``start_step`` steps use
+    the boxes), a subject's region in that layer is where the mean of the layer's maps so far, min-max normalised,
+    exceeds ``threshold``. Pass it as ``cross_attention_kwargs["ms_auto_layout"]``; the pipeline calls :meth:`reset`
+    before a run and :meth:`on_step_end` (diffusers' ``callback_on_step_end``) after each step.
+
+    ``sources`` lists (step, "boxes" | "attention") per layer call and ``latest`` the regions each layer's image
+    branch got at its last call, so a caller can see what the masks were."""
+
+    threshold: float = 0.5
+    start_step: int = 5
+    phrase_tokens: torch.Tensor | None = None  # (B, S, T) bool: which text tokens are each subject's phrase
+    step: int = 0
+    sums: dict[nn.Module, torch.Tensor] = field(default_factory=dict)  # per layer: (B, S, N) sum of the maps
+    counts: dict[nn.Module, int] = field(default_factory=dict)
+    sources: list[tuple[int, str]] = field(default_factory=list)
+    latest: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"the auto-layout threshold must be in [0, 1) (maps are min-max normalised), got "
+                             f"{self.threshold}")
+        if self.start_step < 0:
+            raise ValueError(f"the auto-layout start step must be at least 0, got {self.start_step}")
+
+    def reset(self, phrase_tokens: torch.Tensor) -> None:
+        self.phrase_tokens = phrase_tokens
+        self.step = 0
+        for record in (self.sums, self.counts, self.sources, self.latest):
+            record.clear()
+
+    def on_step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        self.step = step + 1
+        return {}
+
+    def phrase_maps(self, probs: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B, H, N, T) text attention probabilities -> (B, S, N): each phrase's mean over its tokens and the heads."""
+        if self.phrase_tokens is None:
+            raise ValueError("the auto layout has no phrase tokens: call reset(phrase_tokens) first")
+        tokens = _broadcast_batch(self.phrase_tokens.to(probs.device), batch, "auto-layout phrase tokens")
+        if tokens.shape[-1] != probs.shape[-1]:
+            raise ValueError(f"auto-layout phrase tokens cover {tokens.shape[-1]} text tokens, the layer has "
+                             f"{probs.shape[-1]}")
+        weights = tokens.float() / tokens.sum(-1, keepdim=True).clamp(min=1)
+        return torch.einsum("bhnt,bst->bsn", probs.float(), weights) / probs.shape[1]
+
+    def regions(self, layer: nn.Module, maps: torch.Tensor, boxes: torch.Tensor,
+                subject_mask: torch.Tensor) -> torch.Tensor:
+        """Record ``layer``'s maps of this step and return the regions (B, S, N) its image branch uses now."""
+        self.sums[layer] = maps if layer not in self.sums else self.sums[layer] + maps
+        self.counts[layer] = self.counts.get(layer, 0) + 1
+        if self.step < self.start_step:
+            regions, source = boxes, "boxes"
+        else:
+            mean = self.sums[layer] / self.counts[layer]
+            regions, source = (minmax_normalize(mean) > self.threshold) & subject_mask[..., None], "attention"
+        self.sources.append((self.step, source))
+        self.latest[layer] = regions
+        return regions
 
 
 def _broadcast_batch(value: torch.Tensor, batch: int, name: str) -> torch.Tensor:
@@ -196,6 +263,7 @@ class MultiSubjectAttnProcessor(nn.Module):
         ms_subject_scales: torch.Tensor | Sequence[float] | None = None,
         ms_latent_hw: tuple[int, int] | None = None,
         ms_recorder: AlignmentRecorder | None = None,
+        ms_auto_layout: AutoLayout | None = None,
     ) -> torch.Tensor:
         if encoder_hidden_states is None or encoder_hidden_states.shape[1] <= self.num_image_tokens:
             raise ValueError(f"the multi-subject processor of {self.block or 'this layer'} needs encoder_hidden_states "
@@ -220,9 +288,17 @@ class MultiSubjectAttnProcessor(nn.Module):
             attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch)
             attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])[..., :num_text]
         q = split_heads(query)
-        text_out = F.scaled_dot_product_attention(q, split_heads(attn.to_k(text_states)),
-                                                  split_heads(attn.to_v(text_states)), attn_mask=attention_mask,
-                                                  scale=attn.scale)
+        k_text, v_text = split_heads(attn.to_k(text_states)), split_heads(attn.to_v(text_states))
+        phrase_maps = None
+        if ms_auto_layout is None:
+            text_out = F.scaled_dot_product_attention(q, k_text, v_text, attn_mask=attention_mask, scale=attn.scale)
+        else:  # the phrase maps need the text attention probabilities
+            text_logits = (q @ k_text.transpose(-1, -2)) * attn.scale
+            if attention_mask is not None:
+                text_logits = text_logits + attention_mask
+            text_probs = torch.softmax(text_logits.float(), dim=-1).to(q.dtype)
+            text_out = text_probs @ v_text
+            phrase_maps = ms_auto_layout.phrase_maps(text_probs, batch)
 
         image_states = image_states.to(self.to_k_ip.weight.dtype)
         k_ip = split_heads(self.to_k_ip(image_states).to(query.dtype))
@@ -232,7 +308,10 @@ class MultiSubjectAttnProcessor(nn.Module):
         subject_mask = _broadcast_batch(ms_subject_mask.to(query.device, torch.bool), batch, "ms_subject_mask")
         boxes = None if ms_boxes is None else _broadcast_batch(ms_boxes.to(query.device), batch, "ms_boxes")
         rows, cols = latent_grid(num_cells, ms_latent_hw)
-        masks = layout_masks(boxes, subject_mask, rows, cols, self.num_dummy_tokens, self.num_tokens)
+        regions = box_regions(boxes, subject_mask, rows, cols)
+        if ms_auto_layout is not None:
+            regions = ms_auto_layout.regions(self, phrase_maps, regions, subject_mask)
+        masks = layout_masks(regions, self.num_dummy_tokens, self.num_tokens)
         if ms_subject_scales is not None:
             v_ip = v_ip * self._token_scales(ms_subject_scales, batch, v_ip)
         bias = additive_bias(masks.token_visible, q.dtype)
@@ -297,8 +376,27 @@ class SelfAttnTapProcessor(AttnProcessor2_0):
         ms_subject_scales: torch.Tensor | Sequence[float] | None = None,
         ms_latent_hw: tuple[int, int] | None = None,
         ms_recorder: AlignmentRecorder | None = None,
+        ms_auto_layout: AutoLayout | None = None,
     ) -> torch.Tensor:
         out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if ms_recorder is not None and ms_recorder.features and ms_recorder.taps(self.block):
             ms_recorder.record_self(self.block, out.mean(dim=1))
         return out
+
+
+class TextOnlyAttnProcessor(AttnProcessor2_0):
+    """diffusers' SDPA attention on the text tokens only: for the cross-attention layers of a ControlNet that runs
+    beside the adapted UNet. It gets the UNet's encoder hidden states ``[text; image tokens]`` and must ignore the
+    ``num_image_tokens`` image tokens at the end (as the release's ``CNAttnProcessor2_0`` does)."""
+
+    def __init__(self, num_image_tokens: int):
+        super().__init__()
+        self.num_image_tokens = num_image_tokens
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = encoder_hidden_states[:, : encoder_hidden_states.shape[1] - self.num_image_tokens]
+            if attention_mask is not None:
+                attention_mask = attention_mask[..., : encoder_hidden_states.shape[1]]
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)

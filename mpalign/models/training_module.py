@@ -37,6 +37,7 @@ PROJECTORS_SUBFOLDER = "projectors"
 # Offsets from model.seed for the trainable parts' initial weights, apart from the zoo's offsets (0-40).
 ADAPTER_SEED_OFFSET = 100
 PROJECTOR_SEED_OFFSET = 101
+GROUNDING_DROP_UNITS = ("sample", "subject")
 
 
 def seeded_init(seed: int, build):
@@ -82,6 +83,9 @@ class MPAlignTrainingModule(nn.Module):
     def __init__(self, cfg: Config, sdxl: zoo.SDXLComponents, image_encoder: zoo.EncoderWithProcessor,
                  dinov2: zoo.EncoderWithProcessor, adapter: MSAdapter, projectors: AlignmentProjectors):
         super().__init__()
+        if cfg.model.grounding_drop_per not in GROUNDING_DROP_UNITS:
+            raise ValueError(f"model.grounding_drop_per must be one of {list(GROUNDING_DROP_UNITS)}, got "
+                             f"'{cfg.model.grounding_drop_per}'")
         self.cfg = cfg
         self.sdxl = sdxl
         self.image_encoder = image_encoder
@@ -232,8 +236,8 @@ class MPAlignTrainingModule(nn.Module):
         return {k: v.to(device) for k, v in cond.items()}
 
     def _apply_drops(self, cond: dict[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
-        """Classifier-free-guidance drops (text / image / both, per element) and grounding-token drops (per
-        subject), in place on ``cond``; returns (B,) bool: the elements whose reference images were dropped."""
+        """Classifier-free-guidance drops (text / image / both, per element) and grounding-token drops, in place on
+        ``cond``; returns (B,) bool: the elements whose reference images were dropped."""
         train = self.cfg.train
         batch, num_subjects = cond["subject_mask"].shape
         draw = torch.rand(batch, generator=generator).to(self.device)
@@ -247,9 +251,16 @@ class MPAlignTrainingModule(nn.Module):
         cond["pooled_prompt_embeds"] = torch.where(drop_text[:, None], self.empty_pooled_prompt_embeds.to(pooled), pooled)
         clip = cond["clip_hidden"]
         cond["clip_hidden"] = torch.where(drop_image[:, None, None, None], self.null_clip_hidden.to(clip), clip)
-        drop_grounding = torch.rand(batch, num_subjects, generator=generator).to(self.device)
-        cond["drop_grounding"] = drop_grounding < self.cfg.model.grounding_drop_prob
+        cond["drop_grounding"] = self._grounding_drops(batch, num_subjects, generator)
         return drop_image
+
+    def _grounding_drops(self, batch: int, num_subjects: int, generator: torch.Generator | None) -> torch.Tensor:
+        """(B, S) bool: the subjects whose grounding tokens become the learnable queries this step, one draw per
+        element (``model.grounding_drop_per: sample``, the release) or per subject (``subject``)."""
+        model = self.cfg.model
+        per_sample = model.grounding_drop_per == "sample"
+        draw = torch.rand(batch, 1 if per_sample else num_subjects, generator=generator).expand(-1, num_subjects)
+        return draw.to(self.device) < model.grounding_drop_prob
 
     # ---------------------------------------------------------------------------------------------------------------
     # The step
