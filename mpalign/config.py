@@ -73,6 +73,9 @@ class DataConfig:
     max_image_side: int = 8192
     max_aspect_ratio: float = 4.0
     max_subjects: int = 4
+    # "en": captions the English phrase model cannot read are rejected (unsupported_language) instead of becoming
+    # samples with nonsense phrases; "any": no check, for a multilingual model.spacy pipeline
+    caption_language: str = "en"
     box_threshold: float = 0.35
     text_threshold: float = 0.25
     max_box_overlap_iou: float = 0.9  # a second subject whose box overlaps an earlier one more than this is dropped

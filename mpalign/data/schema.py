@@ -76,7 +76,8 @@ REJECT_SCHEMA = pa.schema([
 
 # Reasons a record is rejected; every reject row carries one of these.
 REJECT_REASONS = {
-    "bad_record": "the input record is malformed (not a JSON object, wrong field types, no image field)",
+    "bad_record": "the input record is malformed (not UTF-8, not a JSON object, wrong field types or ranges, text that "
+                  "is not Unicode, no image field)",
     "duplicate_id": "another record earlier in the input has the same id",
     "empty_caption": "the caption is empty or whitespace",
     "missing_image": "the image file does not exist",
@@ -84,10 +85,12 @@ REJECT_REASONS = {
     "image_too_small": "the shorter side is below data.min_image_side",
     "image_too_large": "the longer side is above data.max_image_side (checked before decoding)",
     "bad_aspect_ratio": "long/short side ratio above data.max_aspect_ratio",
+    "unsupported_language": "the caption is not English, which the phrase model reads (data.caption_language)",
     "no_subject_phrase": "the caption has no visual subject phrase",
     "too_many_subjects": "the caption names more subjects than data.max_subjects",
     "no_detection": "no phrase got a box that passes the thresholds and the box rules",
-    "stage_error": "a stage raised on this record alone (the detail names the exception)",
+    "stage_error": "a stage raised on this record alone, or its sample did not fit the schema (stage \"write\"); the "
+                   "detail names the exception",
 }
 
 
