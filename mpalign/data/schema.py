@@ -8,12 +8,15 @@ the pixels the caches were computed from). ``docs/dataset.md`` documents every c
 from __future__ import annotations
 
 import io
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
-from mpalign.config import DataConfig
+from mpalign.config import ConfigError, DataConfig
 
 SAMPLES_DIR = "samples"
 REJECTS_DIR = "rejects"
@@ -92,6 +95,23 @@ REJECT_REASONS = {
     "stage_error": "a stage raised on this record alone, or its sample did not fit the schema (stage \"write\"); the "
                    "detail names the exception",
 }
+
+
+def split_counts(samples_dir: str | Path) -> Counter[str]:
+    """Rows per split of a built dataset's local samples folder, from the ``split`` column alone; a ConfigError
+    when the folder holds no shard or something that is not a shard of ours (an empty or foreign folder)."""
+    shards = sorted(Path(samples_dir).glob("*.parquet"))
+    if not shards:
+        raise ConfigError(f"'{samples_dir}' holds no Parquet shards: build the dataset with "
+                          f"`python pipelines/build_dataset.py --output {Path(samples_dir).parent}`")
+    counts: Counter[str] = Counter()
+    for shard in shards:
+        try:
+            counts.update(pq.read_table(shard, columns=["split"])["split"].to_pylist())
+        except (pa.ArrowException, OSError, KeyError) as exc:
+            raise ConfigError(f"'{shard}' is not a shard of a built dataset ({' '.join(str(exc).split())[:200]})") \
+                from None
+    return counts
 
 
 def disabled_columns(cfg: DataConfig) -> set[str]:
