@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from mpalign.config import ConfigError
-from mpalign.zoo import ModelLoadError
+from mpalign.zoo import IncompatibleModelError, ModelLoadError
 
 
 class UserInputError(ValueError):
@@ -20,9 +21,11 @@ class UserInputError(ValueError):
 
 
 # Mistakes a user fixes: a bad config or input, a model or adapter that cannot load, a path that is missing, not a
-# folder, a folder where a file belongs, or not writable.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ModelLoadError, UserInputError, FileNotFoundError,
-                                                PermissionError, IsADirectoryError, NotADirectoryError)
+# folder, a folder where a file belongs, or not writable. (IncompatibleModelError is a ModelLoadError; it is named
+# for the text search below.)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ModelLoadError, IncompatibleModelError, UserInputError,
+                                                FileNotFoundError, PermissionError, IsADirectoryError,
+                                                NotADirectoryError)
 
 
 def _wrapped(exc: BaseException) -> Iterator[BaseException]:
@@ -57,6 +60,11 @@ def user_error(exc: BaseException) -> BaseException | None:
         if isinstance(current, USER_ERRORS) and not isinstance(getattr(current, "cause", None), BaseException):
             return current
         pending += inner
+    if type(exc).__module__.startswith("ray."):  # Ray Data hands UDF errors over as text only (the chain is lost)
+        names = "|".join(cls.__name__ for cls in USER_ERRORS)
+        match = re.search(rf"\b(?:{names}): (.+)", str(exc))
+        if match:
+            return UserInputError(match.group(1).strip())
     return None
 
 
@@ -65,19 +73,17 @@ def one_line(exc: BaseException) -> str:
 
 
 def quiet_console(verbose: bool) -> None:
-    """Our own lines only, unless ``verbose``: Ray's driver-side logging at WARNING, workers' output kept in Ray's
-    log files instead of being copied to the console, library warnings and progress bars off. Environment variables
-    so that Ray workers started later inherit them; an explicit setting by the user wins."""
+    """Our own lines on the console, unless ``verbose``: Ray Data's execution plans and progress summaries go to its
+    session log only (``ray_data_logging.yaml``), library warnings (deprecations) and download progress bars are
+    off. Environment variables, so that the Ray workers started later inherit them; a user's own setting wins."""
     if verbose:
         return
-    for name, value in (("RAY_DATA_DISABLE_PROGRESS_BARS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
-                        ("DIFFUSERS_VERBOSITY", "error"), ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1"),
-                        ("RAY_TRAIN_CALLBACKS_LOG_LEVEL", "WARNING"), ("RAY_LOG_TO_DRIVER", "0"),
+    for name, value in (("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml"))),
+                        ("RAY_DATA_DISABLE_PROGRESS_BARS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                        ("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
                         ("PYTHONWARNINGS", "ignore")):
         os.environ.setdefault(name, value)
     warnings.filterwarnings("ignore")
-    for name in ("ray", "ray.data", "ray.train", "ray.tune", "filelock", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

@@ -197,6 +197,9 @@ def test_user_mistakes_raised_inside_ray_are_unwrapped(capsys):
     assert user_error(train_failure) is inner
     assert user_error(ControllerError(train_failure)) is inner
     assert user_error(RayTaskError("f", "tb", ZeroDivisionError("bug"))) is None
+    as_text = RayTaskError("MapBatches(Score)", "Traceback ...\nmpalign.zoo.IncompatibleModelError: the adapter does "
+                           "not fit these models: phrase width 8 vs 32", RuntimeError("UDF failed"))
+    assert str(user_error(as_text)) == "the adapter does not fit these models: phrase width 8 vs 32"
 
     def main(_argv):
         raise train_failure
@@ -231,3 +234,26 @@ def test_configs_resolve_from_the_package_and_outputs_from_the_working_directory
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "tiny.yaml").write_text(json.dumps({"train": {"lr": 0.5}}))
     assert load_config("configs/tiny.yaml").train.lr == 0.5, "a user's own file wins over the shipped one"
+
+
+def test_the_console_keeps_ray_datas_detail_in_its_log_file_unless_verbose(monkeypatch):
+    import logging
+
+    from ray.data._internal.logging import configure_logging
+
+    from mpalign.cli import quiet_console
+
+    for name in ("RAY_DATA_LOGGING_CONFIG", "PYTHONWARNINGS"):
+        monkeypatch.delenv(name, raising=False)
+    quiet_console(verbose=True)
+    assert "RAY_DATA_LOGGING_CONFIG" not in os.environ and "PYTHONWARNINGS" not in os.environ
+    quiet_console(verbose=False)
+    try:
+        configure_logging()  # what Ray Data runs when it is imported, in the driver and in every worker
+        handlers = {type(h).__name__: h for h in logging.getLogger("ray.data").handlers}
+        assert handlers["PlainRayHandler"].level == logging.WARNING, "execution plans and progress stay off the console"
+        assert "SessionFileHandler" in handlers and logging.getLogger("ray.data").level == logging.DEBUG
+        assert os.environ["PYTHONWARNINGS"] == "ignore"  # inherited by Ray's workers: no deprecation warnings
+    finally:
+        monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG")
+        configure_logging()

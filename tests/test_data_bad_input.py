@@ -8,6 +8,7 @@ import codecs
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -17,7 +18,7 @@ from mpalign.data.build import build_dataset
 from mpalign.data.images import to_rgb
 from mpalign.data.phrases import unsupported_language
 from mpalign.data.records import read_records
-from mpalign.data.schema import REJECT_REASONS, decode_png
+from mpalign.data.schema import REJECT_REASONS, REJECT_SCHEMA, decode_png
 
 CAPTION = "a dog on the grass"
 
@@ -184,10 +185,12 @@ def test_a_failed_build_leaves_nothing_that_blocks_the_fixed_rerun(hostile, tmp_
         build_dataset(hostile["cfg"], input=str(tmp_path / "a.jsonl"), output=str(out), executor="local",
                       log=lambda _: None)
     monkeypatch.undo()
+    stray = {"id": "old", "reason": "bad_record", "stage": "read", "detail": "from the failed run"}
+    pq.write_table(pa.Table.from_pylist([stray], schema=REJECT_SCHEMA), out / "rejects" / "shard-00003.parquet")
     (tmp_path / "fixed.jsonl").write_text(json.dumps({"id": "b", "image": dog, "caption": CAPTION}) + "\n")
     stats = build_dataset(hostile["cfg"], input=str(tmp_path / "fixed.jsonl"), output=str(out), executor="local",
                           log=lambda _: None)
-    assert stats["samples"] + stats["rejects"] == 1
+    assert stats["samples"] + stats["rejects"] == 1, "nothing of the failed run is kept or counted"
 
 
 def test_max_shards_below_one_is_a_config_error(hostile, tmp_path):

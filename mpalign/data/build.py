@@ -32,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mpalign.config import ActorPoolConfig, Config, ConfigError, StageConfig
+from mpalign.config import STAGE_LAYOUTS, ActorPoolConfig, Config, ConfigError, StageConfig
 from mpalign.data.assemble import assemble_shard, safe_reject_row
 from mpalign.data.records import assign_shards, fingerprint, read_records
 from mpalign.data.schema import (
@@ -118,8 +118,6 @@ class ShardBuilder:
             shards[record["shard"]].append(record)
         return pa.table({"summary": [json.dumps(self.build(i, records)) for i, records in shards.items()]})
 
-
-STAGE_LAYOUTS = ("auto", "chain", "per_stage")
 
 
 def actor_pools(cfg: Config, cluster: dict[str, float]) -> list[tuple[tuple[str, ...], ActorPoolConfig]]:
@@ -248,6 +246,8 @@ def _check_manifest(out: Path, manifest: dict[str, Any], overwrite: bool) -> Non
         finished = any((out / SAMPLES_DIR).glob("*.parquet"))
         if old.get("fingerprint") != manifest["fingerprint"] and not finished:
             # a build that failed before finishing any shard: nothing to keep, so it never blocks the fixed rerun
+            for sub in (SAMPLES_DIR, REJECTS_DIR):  # rejects-only files of its unfinished shards included
+                shutil.rmtree(out / sub, ignore_errors=True)
             for name in (STATS_FILE, MANIFEST_FILE, CONFIG_FILE):
                 (out / name).unlink(missing_ok=True)
         elif old.get("fingerprint") != manifest["fingerprint"]:
