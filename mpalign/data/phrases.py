@@ -49,7 +49,6 @@ ENGLISH_FUNCTION_WORDS = frozenset(
     ["a", "an", "the", "and", "of", "on", "in", "with", "at", "by", "to", "is", "are", "next", "two", "three", "its",
      "his", "her", "their", "under", "over", "near", "from", "for", "some", "this", "that", "behind", "beside"]
 )
-CAPTION_LANGUAGES = ("en", "any")
 
 
 def unsupported_language(caption: str) -> str | None:
