@@ -1,29 +1,120 @@
-"""What every entry point shares: user mistakes end as one ``error: ...`` line and exit status 2, not a traceback."""
+"""What every entry point shares: user mistakes end as one ``error: ...`` line and exit status 2, not a traceback;
+the console shows our own progress lines, Ray's and the libraries' detail goes to their log files (``--verbose``
+brings it back)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 from mpalign.config import ConfigError
-from mpalign.zoo import ModelLoadError
+from mpalign.zoo import IncompatibleModelError, ModelLoadError
 
 
 class UserInputError(ValueError):
     """Bad input a user can fix (a path that does not exist, a box outside the image, ...)."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ModelLoadError, UserInputError, FileNotFoundError)
+# Mistakes a user fixes: a bad config or input, a model or adapter that cannot load, a path that is missing, not a
+# folder, a folder where a file belongs, or not writable. (IncompatibleModelError is a ModelLoadError; it is named
+# for the text search below.)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ModelLoadError, IncompatibleModelError, UserInputError,
+                                                FileNotFoundError, PermissionError, IsADirectoryError,
+                                                NotADirectoryError)
+
+
+def _wrapped(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions ``exc`` carries: Ray hands an error raised in a task, an actor or a training worker to the
+    driver wrapped (``RayTaskError.cause``, Ray Train's ``worker_failures`` / ``controller_failure``), sometimes
+    several times over, besides Python's own ``__cause__`` chain."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        yield cause
+    for failure in (getattr(exc, "worker_failures", None) or {}).values():
+        if isinstance(failure, BaseException):
+            yield failure
+    controller = getattr(exc, "controller_failure", None)
+    if isinstance(controller, BaseException):
+        yield controller
+    if exc.__cause__ is not None:
+        yield exc.__cause__
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The user mistake ``exc`` is or wraps (searched through Ray's wrappers), else None."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        inner = list(_wrapped(current))
+        # Ray's RayTaskError is made an instance of its cause's class, but its text is a whole remote traceback:
+        # report the cause itself
+        if isinstance(current, USER_ERRORS) and not isinstance(getattr(current, "cause", None), BaseException):
+            return current
+        pending += inner
+    if type(exc).__module__.startswith("ray."):  # Ray Data hands UDF errors over as text only (the chain is lost)
+        names = "|".join(cls.__name__ for cls in USER_ERRORS)
+        match = re.search(rf"\b(?:{names}): (.+)", str(exc))
+        if match:
+            return UserInputError(match.group(1).strip())
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def quiet_console(verbose: bool) -> None:
+    """Our own lines on the console, unless ``verbose``: Ray Data's execution plans and progress summaries go to its
+    session log only (``ray_data_logging.yaml``), library warnings (deprecations) and download progress bars are
+    off. Environment variables, so that the Ray workers started later inherit them; a user's own setting wins."""
+    if verbose:
+        return
+    for name, value in (("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml"))),
+                        ("RAY_DATA_DISABLE_PROGRESS_BARS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                        ("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                        ("PYTHONWARNINGS", "ignore")):
+        os.environ.setdefault(name, value)
+    warnings.filterwarnings("ignore")
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    quiet_console(verbose="--verbose" in arguments)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(main(argv) or 0)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        mistake = user_error(exc)
+        if mistake is None:
+            raise
+        print(f"error: {one_line(mistake)}", file=sys.stderr)
+        return 2
+
+
+def check_writable(path: str | Path, what: str, folder: bool) -> Path:
+    """``path`` when it can be written (created if missing) as a ``folder`` or a file; a UserInputError otherwise.
+    Entry points call this before loading models or starting Ray, so a bad output path costs seconds, not the run."""
+    path = Path(path).expanduser()
+    if "://" in str(path):
+        return path
+    if path.exists() and path.is_dir() != folder:
+        raise UserInputError(f"{what} '{path}' is {'a file' if folder else 'a folder'}; give a "
+                             f"{'folder' if folder else 'file'} path")
+    existing = next(p for p in (path if path.exists() else path.parent, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserInputError(f"{what} '{path}' cannot be created: '{existing}' is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"{what} '{path}' cannot be written: no write permission in '{existing}'")
+    return path

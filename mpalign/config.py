@@ -10,17 +10,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the source checkout (tests, benchmarks); never for outputs
+# The shipped configs: package data (in the repository mpalign/configs links to configs/). Outputs resolve from the
+# working directory.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+
+
+def shipped_config(path: str | Path) -> Path:
+    """``path`` as given when it exists (relative to the working directory); else a shipped config of that name
+    (``tiny.yaml``, ``configs/tiny.yaml``), so the documented ``--config configs/sdxl.yaml`` works from any folder
+    and from a non-editable install."""
+    path = Path(path)
+    if path.exists() or path.is_absolute() or path.parent not in (Path("."), Path("configs")):
+        return path
+    return CONFIG_DIR / path.name if (CONFIG_DIR / path.name).is_file() else path
 
 
 class ConfigError(ValueError):
@@ -80,6 +94,9 @@ class DataConfig:
     # phrase + box: data sets that come with boxes, and the toy world, whose generator knows them exactly)
     boxes: str = "detector"
     masks: str = "sam"  # "sam": SAM prompted by the box; "box": the box itself is the subject's mask
+    # "en": captions the English phrase model cannot read are rejected (unsupported_language) instead of becoming
+    # samples with nonsense phrases; "any": no check, for a multilingual model.spacy pipeline
+    caption_language: str = "en"
     box_threshold: float = 0.35
     text_threshold: float = 0.25
     max_box_overlap_iou: float = 0.9  # a second subject whose box overlaps an earlier one more than this is dropped
@@ -305,14 +322,105 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan/inf pass float() and would fail (or train nothing) minutes later
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
         return str(value)
     return value
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Values the types allow but the pipeline cannot use: checked on every load, so they fail as one line before Ray
+# starts instead of inside a worker 20-70 s later
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low:g}"
+
+
+def _above(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v > low), f"> {low:g}"
+
+
+def _fraction() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: 0.0 <= v <= 1.0), "between 0 and 1"
+
+
+def _one_of(*names: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in names), f"one of {', '.join(names)}"
+
+
+ALIGN_BLOCKS = ("down", "mid", "up")  # UNet block kinds the alignment loss can tap (models.attention.BLOCK_KINDS)
+STAGE_LAYOUTS = ("auto", "chain", "per_stage")
+CAPTION_LANGUAGES = ("en", "any")
+_IMAGE_SIDE = ((lambda v: v > 0 and v % 8 == 0), "a positive multiple of 8 (the VAE downsamples by 8)")
+
+VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.sample.num_images": _at_least(1), "data.sample.num_videos": _at_least(0),
+    "data.sample.image_size": _at_least(32), "data.sample.caption_style": _one_of("full", "kind", "mixed"),
+    "data.boxes": _one_of("detector", "annotations"), "data.masks": _one_of("sam", "box"),
+    "data.image_size": _IMAGE_SIDE, "data.min_image_side": _at_least(1), "data.max_image_side": _at_least(1),
+    "data.max_aspect_ratio": _at_least(1), "data.max_subjects": _at_least(1),
+    "data.caption_language": _one_of(*CAPTION_LANGUAGES),
+    "data.box_threshold": _at_least(0), "data.text_threshold": _at_least(0),
+    "data.max_box_overlap_iou": _fraction(), "data.min_box_area": _fraction(), "data.max_box_area": _fraction(),
+    "data.max_box_aspect_ratio": _at_least(1), "data.crop_size": _at_least(1), "data.rows_per_shard": _at_least(1),
+    "data.val_fraction": _fraction(), "data.stage_layout": _one_of(*STAGE_LAYOUTS),
+    "model.preset": _one_of("tiny", "toy", "pretrained"), "model.dtype": _one_of("float32", "float16", "bfloat16"),
+    "model.max_subjects": _at_least(1), "model.num_tokens": _at_least(1), "model.num_dummy_tokens": _at_least(0),
+    "model.resampler_dim": _at_least(1), "model.resampler_depth": _at_least(1), "model.resampler_heads": _at_least(1),
+    "model.resampler_dim_head": _at_least(1), "model.resampler_ff_mult": _at_least(1),
+    "model.fourier_freqs": _at_least(1), "model.grounding_drop_prob": _fraction(),
+    "model.align_blocks": _one_of(*ALIGN_BLOCKS), "model.align_self_target": _one_of("target", "reference"),
+    "model.projector_hidden_dim": _at_least(1), "model.projector_dropout": _fraction(),
+    # train.max_steps, batch_size, grad_accum_steps, num_workers, log_every, checkpoint_every, ema_decay and the
+    # tune.scheduler / mode / alpha_search / num_samples / max_concurrent_trials are checked by
+    # training.step.check_train_config and sweep.check_tune_config, also before Ray starts
+    "train.lr": _above(0), "train.lr_warmup_steps": _at_least(0), "train.weight_decay": _at_least(0),
+    "train.max_grad_norm": _above(0), "train.alpha": _at_least(0), "train.warmup_steps": _at_least(0),
+    "train.lambda_self": _at_least(0), "train.attn_loss_weight": _at_least(0),
+    "train.drop_text_prob": _fraction(), "train.drop_image_prob": _fraction(), "train.drop_both_prob": _fraction(),
+    "train.cpus_per_worker": _above(0), "train.gpus_per_worker": _at_least(0), "train.materialize_max_gb": _at_least(0),
+    "train.keep_checkpoints": _at_least(1), "train.max_failures": _at_least(-1), "train.val_every": _at_least(0),
+    "train.val_batches": _at_least(1), "train.val_num_images": _at_least(0),
+    "tune.alphas": _at_least(0), "tune.alpha_min": _above(0), "tune.alpha_max": _above(0),
+    "tune.lambda_self": _at_least(0), "tune.grace_period": _at_least(1), "tune.reduction_factor": _above(1),
+    "tune.cpus_per_trial": _above(0), "tune.gpus_per_trial": _at_least(0),
+    "eval.limit": _at_least(0), "eval.images_per_prompt": _at_least(1), "eval.num_inference_steps": _at_least(1),
+    "eval.guidance_scale": _at_least(0), "eval.height": _IMAGE_SIDE, "eval.width": _IMAGE_SIDE,
+    "eval.batch_size": _at_least(1), "eval.concurrency": _at_least(1), "eval.report_samples": _at_least(0),
+}
+_POOL_RULES = {"concurrency": _at_least(0), "num_cpus": _at_least(0), "num_gpus": _at_least(0),
+               "memory_gb": _at_least(0), "batch_size": _at_least(1)}
+
+
+def check_values(cfg: Config) -> None:
+    """Raise ConfigError for the first value outside its range (``VALUE_RULES``; list keys: every item)."""
+    for key, (ok, what) in VALUE_RULES.items():
+        section, *rest = key.split(".")
+        value: Any = getattr(cfg, section)
+        for part in rest:
+            value = getattr(value, part)
+        for item in value if isinstance(value, list) else [value]:
+            if not ok(item):
+                raise ConfigError(f"config key '{key}' must be {what}, got {item!r}")
+    pools = {"data.chain": cfg.data.chain, **{f"data.stages.{n}": s for n, s in cfg.data.stages.items()}}
+    for prefix, pool in pools.items():
+        for name, (ok, what) in _POOL_RULES.items():
+            if hasattr(pool, name) and not ok(getattr(pool, name)):
+                raise ConfigError(f"config key '{prefix}.{name}' must be {what}, got {getattr(pool, name)!r}")
+    if cfg.data.max_image_side < cfg.data.min_image_side:
+        raise ConfigError(f"data.max_image_side ({cfg.data.max_image_side}) is below data.min_image_side "
+                          f"({cfg.data.min_image_side}): every image would be rejected")
+    if cfg.data.max_box_area <= cfg.data.min_box_area:
+        raise ConfigError("data.max_box_area must be above data.min_box_area: every box would be rejected")
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -377,43 +485,58 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML mapping at ``path`` with its ``base:`` chain merged under it (a relative base is relative to the
+    file naming it). Every way the file or a base can be unusable is a ConfigError naming the file."""
+    what = f"base config '{path}' (named by '{chain[-1]}')" if chain else f"config file '{path}'"
+    if not path.exists():
+        hint = f" (the shipped ones are in {CONFIG_DIR})" if not chain else ""
+        raise ConfigError(f"{what} does not exist{hint}")
+    if not path.is_file():
+        raise ConfigError(f"{what} is not a file")
+    if path.resolve() in chain:
+        raise ConfigError(f"{what} is its own base (a base: cycle)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what}: {exc.strerror}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must hold a mapping of sections (data, model, train, tune, eval)")
+    if "base" in data:
+        base = data.pop("base")
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"'base:' in {what} must be a path to another config file, got {base!r}")
+        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        data = _deep_merge(_read_tree(base_path, (*chain, path.resolve())), data)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (default ``configs/tiny.yaml``), apply ``key=value`` overrides and type-check everything."""
-    path = Path(path) if path else DEFAULT_CONFIG
-    if not path.exists():
-        raise ConfigError(f"config file '{path}' does not exist (the shipped ones are in {CONFIG_DIR})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of sections (data, model, train, tune, eval)")
-    if "base" in data:
-        base = Path(data.pop("base"))
-        base = base if base.is_absolute() else path.parent / base
-        data = _deep_merge(_raw_tree(base), data)
+    data = _read_tree(shipped_config(path) if path else DEFAULT_CONFIG)
     tree: dict[str, Any] = {}
     for item in overrides or []:
         key, value = parse_override(item)
         _set_path(tree, key, value)
-    return _build(Config, _deep_merge(data, tree))
+    cfg = _build(Config, _deep_merge(data, tree))
+    check_values(cfg)
+    return cfg
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """A type-checked Config from the plain tree ``Config.to_dict()`` gives (how configs travel to Ray workers)."""
-    return _build(Config, data)
-
-
-def _raw_tree(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text()) or {}
-    if "base" in data:
-        base = Path(data.pop("base"))
-        data = _deep_merge(_raw_tree(base if base.is_absolute() else path.parent / base), data)
-    return data
+    cfg = _build(Config, data)
+    check_values(cfg)
+    return cfg
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
+    parser.add_argument("--config", default=None, help="YAML config: a path, or the name of a shipped one "
+                        "(configs/sdxl.yaml, ...; default: configs/tiny.yaml)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -422,6 +545,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override one config key, repeatable (e.g. --set train.lr=1e-4)",
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's and the libraries' log lines and warnings on the console (otherwise "
+                             "only in Ray's log files, /tmp/ray/session_latest/logs)")
     return parser
 
 

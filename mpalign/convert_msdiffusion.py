@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from mpalign.cli import USER_ERRORS, check_writable, one_line
 from mpalign.models.adapter import MSAdapter
 
 OFFICIAL_ENTRIES = ("image_proj", "ms_adapter", "dummy_image_tokens")
@@ -31,17 +32,29 @@ class ConversionError(ValueError):
 
 def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConversionError(f"checkpoint '{path}' is a folder; give the official ms_adapter.bin file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    if path.stat().st_size == 0:
+        raise ConversionError(f"checkpoint '{path}' is empty")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise ConversionError(f"'{path}' is not a readable torch checkpoint: {str(exc).splitlines()[0]}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as exc:
+        # a text file, a truncated download, a safetensors file: torch.load fails with whichever of these it meets
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ConversionError(f"'{path}' is not a readable torch checkpoint: {first_line}") from None
     if not isinstance(ckpt, dict):
         raise ConversionError(f"'{path}' holds a {type(ckpt).__name__}, expected a dict with {list(OFFICIAL_ENTRIES)}")
     missing = [k for k in OFFICIAL_ENTRIES if k not in ckpt]
     if missing:
-        raise ConversionError(f"checkpoint has no {missing} (its entries: {sorted(ckpt)}); expected {list(OFFICIAL_ENTRIES)}")
+        raise ConversionError(f"checkpoint has no {missing} (its entries: {sorted(map(str, ckpt))}); expected "
+                              f"{list(OFFICIAL_ENTRIES)}")
+    for entry in ("image_proj", "ms_adapter"):
+        tensors = ckpt[entry]
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise ConversionError(f"checkpoint entry '{entry}' must be a state dict (names -> tensors), got "
+                                  f"{type(tensors).__name__}")
     return ckpt
 
 
@@ -53,6 +66,9 @@ def _get(ckpt: dict, entry: str, key: str) -> torch.Tensor:
 
 def infer_config(ckpt: dict, dim_head: int = 64, fourier_freqs: int = 8, max_subjects: int = 4) -> dict:
     """The ``MSAdapter`` config the checkpoint's shapes imply."""
+    for option, value in (("--dim-head", dim_head), ("--fourier-freqs", fourier_freqs), ("--max-subjects", max_subjects)):
+        if value < 1:
+            raise ConversionError(f"{option} must be at least 1, got {value}")
     proj_in = _get(ckpt, "image_proj", "proj_in.weight")
     grounding = _get(ckpt, "image_proj", "grounding_latents")
     dim = proj_in.shape[0]
@@ -162,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-subjects", type=int, default=4, help="subject slots (official max_rn: 4)")
     args = parser.parse_args(argv)
     try:
+        check_writable(args.out_dir, "OUT_DIR", folder=True)
         adapter = convert(args.checkpoint, args.out_dir, args.dim_head, args.fourier_freqs, args.max_subjects)
-    except (ConversionError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConversionError, *USER_ERRORS) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     c = adapter.config
     print(f"converted {args.checkpoint} -> {args.out_dir}: resampler {c.resampler_dim}-d x{c.resampler_depth} "

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mpalign.cli import USER_ERRORS, UserInputError, run_cli
+from mpalign.cli import USER_ERRORS, UserInputError, check_writable, run_cli
 from mpalign.config import Config, add_config_args, config_from_args
 from mpalign.eval.benchmarks import BenchmarkSample, expand_runs, load_benchmark
 
@@ -113,7 +113,12 @@ def user_error_in(exc: BaseException) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
+    check_writable(cfg.eval.output_dir, "--out", folder=True)
     adapters = adapter_columns(args.adapter)
+    from mpalign.models.training_module import load_adapter_parts
+
+    for folder in filter(None, adapters.values()):  # a damaged folder fails here in seconds, not inside an actor
+        load_adapter_parts(folder)
     samples = load_benchmark(cfg.eval)
     if not samples:
         raise UserInputError(f"benchmark '{cfg.eval.benchmark}' has no samples to evaluate")

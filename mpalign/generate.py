@@ -23,11 +23,11 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from mpalign.config import ConfigError, add_config_args, config_from_args
-from mpalign.zoo import ModelLoadError
+from mpalign.cli import USER_ERRORS, UserInputError, check_writable, one_line, quiet_console
+from mpalign.config import add_config_args, config_from_args
 
 
-class UsageError(ValueError):
+class UsageError(UserInputError):
     """A bad command line: printed as one ``error:`` line."""
 
 
@@ -45,8 +45,16 @@ def read_image(path: str, role: str = "subject image") -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise UsageError(f"cannot read {role} '{path}': {exc.__class__.__name__}: {exc}") from None
+
+
+def check_output_image(out: str) -> None:
+    """Before any model loads: ``--out`` names an image format Pillow writes, in a folder that can be written."""
+    suffix = Path(out).suffix.lower()
+    if suffix not in Image.registered_extensions() or suffix in (".pdf", ".eps", ".ps"):
+        raise UsageError(f"--out '{out}' needs an image file extension (.png, .jpg, .webp, ...)")
+    check_writable(out, "--out", folder=False)
 
 
 def output_paths(out: Path, count: int) -> list[Path]:
@@ -89,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_console(args.verbose)
     try:
         cfg = config_from_args(args)
         boxes = [parse_box(b) for b in args.box] or None
@@ -103,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--adapter '{args.adapter}' is not a folder")
         if args.num_images < 1 or args.steps < 1:
             raise UsageError("--num-images and --steps must be at least 1")
+        check_output_image(args.out)
         if bool(args.controlnet) != bool(args.control_image):
             raise UsageError("--controlnet and --control-image go together: give both or neither")
         control_image = read_image(args.control_image, "control image") if args.control_image else None
@@ -122,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             num_inference_steps=args.steps, seed=args.seed, height=args.height, width=args.width,
             num_images=args.num_images, auto_layout=auto_layout, control_image=control_image,
             controlnet_conditioning_scale=args.controlnet_scale)
-    except (ConfigError, ModelLoadError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+    except (*USER_ERRORS, ValueError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -232,9 +232,8 @@ def generate_sample_dataset(out_dir: str | Path, cfg: SampleDataConfig | None = 
 
 
 def default_sample_dir() -> Path:
-    from mpalign.config import REPO_ROOT
-
-    return REPO_ROOT / "outputs" / "sample-input"
+    """Under the working directory, like every default output (never inside an installed package)."""
+    return Path("outputs", "sample-input").resolve()
 
 
 def ensure_sample_dataset(cfg: SampleDataConfig | None = None, out_dir: str | Path | None = None) -> Path:

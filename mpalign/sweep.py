@@ -73,6 +73,11 @@ def check_tune_config(cfg: Config) -> None:
         raise ConfigError(f"tune.scheduler must be 'asha' or 'fifo', got '{tune.scheduler}'")
     if tune.mode not in ("min", "max"):
         raise ConfigError(f"tune.mode must be 'min' or 'max', got '{tune.mode}'")
+    from mpalign.training.validation import VAL_TERMS
+
+    reported = ("objective", *(f"val_{term}" for term in VAL_TERMS))  # what every trial report carries
+    if tune.metric not in reported:
+        raise ConfigError(f"tune.metric '{tune.metric}' is not reported by the trials: use one of {', '.join(reported)}")
     if cfg.train.val_every < 1:
         raise ConfigError("sweeps rank trials by validation: set train.val_every >= 1")
     if tune.num_samples < 1 or tune.max_concurrent_trials < 1:

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from mpalign.cli import UserInputError, run_cli
-from mpalign.config import REPO_ROOT, Config, ConfigError, add_config_args, config_from_args, config_from_dict
+from mpalign.cli import UserInputError, check_writable, run_cli
+from mpalign.config import Config, ConfigError, add_config_args, config_from_args, config_from_dict, shipped_config
 from mpalign.training.checkpoint import (
     ADAPTER_DIR,
     EMA_ADAPTER_DIR,
@@ -95,8 +95,7 @@ def _resolve_paths(cfg: Config) -> Config:
     cfg.data.path = _absolute(cfg.data.path)
     if cfg.train.strategy == "deepspeed":
         ds_config = Path(cfg.train.deepspeed_config)
-        if not ds_config.is_absolute() and not ds_config.exists() and (REPO_ROOT / ds_config).exists():
-            ds_config = REPO_ROOT / ds_config
+        ds_config = shipped_config(ds_config)
         if not ds_config.exists():
             raise UserInputError(f"train.deepspeed_config '{cfg.train.deepspeed_config}' does not exist "
                                  f"(the shipped one is configs/deepspeed_zero2.json)")
@@ -117,6 +116,35 @@ def check_config(cfg: Config) -> None:
     if "://" not in samples and not Path(samples).is_dir():
         raise UserInputError(f"no built dataset at '{cfg.data.path}' (no '{Path(samples).name}' folder); build one with "
                              f"`python pipelines/build_dataset.py --output {cfg.data.path}` or set data.path")
+    if "://" not in samples:  # a dataset of only rejects would otherwise fail inside the workers a minute later
+        from mpalign.data.schema import split_counts
+
+        rows, train = split_counts(samples)["train"], cfg.train
+        needed = train.batch_size * train.grad_accum_steps * train.num_workers
+        if rows < needed:
+            raise UserInputError(f"the dataset at '{cfg.data.path}' has {rows} train samples, fewer than one step needs "
+                                 f"({needed} = train.batch_size x grad_accum_steps x num_workers); see its rejects/ "
+                                 f"and stats.json for why records were dropped")
+
+
+# Model settings a run's checkpoints are shaped by (everything but where it runs): a resume must keep them.
+RESUME_FREE_MODEL_SETTINGS = ("device",)
+
+
+def _check_resume_sizes(cfg: Config, saved: Path) -> None:
+    """Refuse ``--resume`` with model settings other than the run's, before its config.yaml is rewritten: the
+    checkpoints hold the old sizes, and the saved config must keep describing them."""
+    from mpalign.config import load_config
+
+    if not saved.is_file():
+        return
+    old = load_config(saved).model
+    changed = [f"model.{k}: {getattr(old, k)!r} -> {v!r}" for k, v in vars(cfg.model).items()
+               if k not in RESUME_FREE_MODEL_SETTINGS and getattr(old, k) != v]
+    if changed:
+        raise UserInputError(f"--resume with model settings other than the run's ({'; '.join(changed)}): its "
+                             f"checkpoints hold the old ones; resume with the run's config ({saved}), or "
+                             f"--overwrite / another train.output_dir to start a new run")
 
 
 def _prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
@@ -127,10 +155,15 @@ def _prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
     if "://" in storage:
         return  # remote storage: Ray Train resumes if the run exists; nothing to check locally
     run_dir = Path(storage) / RUN_NAME
+    if run_dir.is_dir() and not any(run_dir.glob("checkpoint_*")):  # a run that failed before its first checkpoint
+        logger.info("%s holds no checkpoint: replacing it", run_dir)
+        shutil.rmtree(run_dir)
     if not run_dir.exists():
         if resume:
             logger.info("nothing to resume in %s: starting a new run", run_dir)
         return
+    if resume:
+        _check_resume_sizes(cfg, Path(cfg.train.output_dir) / "config.yaml")
     if overwrite:
         shutil.rmtree(run_dir)
     elif not resume:
@@ -459,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    check_writable(cfg.train.output_dir, "train.output_dir", folder=True)
     outcome = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in outcome.metrics.items()}
     print(f"trained to step {summary.get('step')}: adapter in {outcome.adapter_dir}")

@@ -29,6 +29,11 @@ class ModelLoadError(RuntimeError):
     """A model that cannot be loaded: names the id/path, how to get it, and that the tiny preset exists."""
 
 
+class IncompatibleModelError(ModelLoadError, ValueError):
+    """Weights that load but do not fit the models they are meant for (an adapter trained for other sizes): a user
+    mistake, reported as one line like any ModelLoadError (still a ValueError for callers that catch those)."""
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mpalign.cli import run_cli
+from mpalign.cli import check_writable, run_cli
 from mpalign.config import add_config_args, config_from_args
 
 
@@ -32,8 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from mpalign.data.build import build_dataset
 
-    build_dataset(config_from_args(args), input=args.input, output=args.output, overwrite=args.overwrite,
-                  max_shards=args.max_shards)
+    cfg = config_from_args(args)
+    check_writable(args.output or cfg.data.path, "--output", folder=True)
+    build_dataset(cfg, input=args.input, output=args.output, overwrite=args.overwrite, max_shards=args.max_shards)
     return 0
 
 

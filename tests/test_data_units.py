@@ -118,6 +118,12 @@ def test_detect_stage_rejects_records_without_an_acceptable_box():
     assert out[0]["reject_reason"] == "no_detection" and out[0]["reject_stage"] == "detect"
 
 
+@pytest.mark.parametrize("override", ["data.boxes=gt", "data.masks=grabcut", "data.sample.caption_style=terse"])
+def test_annotation_settings_are_checked_at_load(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(overrides=[override])
+
+
 def test_annotated_boxes_go_to_the_phrases_that_name_them():
     from mpalign.data.detection import annotated_boxes
 
@@ -322,8 +328,6 @@ def test_pools_are_scaled_down_to_fit_the_cluster():
     (["data.stages.encode.num_gpus=1"], "ask for GPUs but the Ray cluster has none"),
     (["data.stage_layout=chain", "data.chain.num_gpus=1"], "ask for GPUs but the Ray cluster has none"),
     (["data.chain.concurrency=2", "data.chain.memory_gb=16"], "reserve 32.0 GB of memory"),
-    (["data.boxes=gt"], "data.boxes must be one of detector, annotations"),
-    (["data.masks=grabcut"], "data.masks must be one of sam, box"),
 ])
 def test_bad_pool_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from mpalign.cli import run_cli
+from mpalign.cli import check_writable, run_cli
 from mpalign.config import add_config_args, config_from_args
 from mpalign.sweep import run_sweep
 
@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    outcome = run_sweep(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
+    cfg = config_from_args(args)
+    check_writable(cfg.tune.output_dir, "tune.output_dir", folder=True)
+    outcome = run_sweep(cfg, resume=args.resume, overwrite=args.overwrite)
     for row in outcome.rows:
         flag = " (stopped early)" if row["early_stopped"] else "" if row["status"] == "finished" else f" ({row['status']})"
         print(f"alpha={row['alpha']:<8g} layers={row['layer_set']:<12} lambda_self={row['lambda_self']:<4g} "

@@ -8,7 +8,7 @@ import numpy as np
 
 from mpalign.config import DataConfig
 from mpalign.data.pairs import match_subjects, reference_frames
-from mpalign.data.records import split_of
+from mpalign.data.records import INT32_RANGE, printable, split_of
 from mpalign.data.schema import REJECT_SCHEMA, pack_array, unpack_array
 
 # Per-subject columns a reference brings from the frame it was cropped from.
@@ -18,11 +18,22 @@ _TARGET_COLUMNS = ("id", "caption", "phrases", "phrase_char_spans", "phrase_toke
                    "dino_patch_grid", "latents", "prompt_embeds", "pooled_prompt_embeds", "phrase_embeds")
 
 
-def reject_row(row: dict[str, Any]) -> dict[str, Any]:
+def safe_reject_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The REJECT_SCHEMA columns of ``row``, made storable whatever the record held: a reject row must never fail
+    its shard (strings as UTF-8 with lone surrogates escaped, a frame index outside int32 left out)."""
     out = {name: row.get(name) for name in REJECT_SCHEMA.names}
-    out.update(reason=row["reject_reason"], stage=row["reject_stage"], detail=row["reject_detail"] or "",
-               source=row["image_path"] or "", caption=row["caption"] or "")
+    for name in ("id", "reason", "stage", "detail", "caption", "source", "video_id"):
+        if isinstance(out[name], str):
+            out[name] = printable(out[name])
+    if not (isinstance(out["frame_idx"], int) and INT32_RANGE[0] <= out["frame_idx"] <= INT32_RANGE[1]):
+        out["frame_idx"] = None
     return out
+
+
+def reject_row(row: dict[str, Any]) -> dict[str, Any]:
+    return safe_reject_row({**row, "reason": row["reject_reason"], "stage": row["reject_stage"],
+                            "detail": row["reject_detail"] or "", "source": row["image_path"] or "",
+                            "caption": row["caption"] or ""})
 
 
 def sample_row(target: dict[str, Any], reference: dict[str, Any] | None, cfg: DataConfig) -> tuple[dict[str, Any], int]:

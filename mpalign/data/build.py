@@ -32,8 +32,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mpalign.config import ActorPoolConfig, Config, ConfigError, StageConfig
-from mpalign.data.assemble import assemble_shard
+from mpalign.config import STAGE_LAYOUTS, ActorPoolConfig, Config, ConfigError, StageConfig
+from mpalign.data.assemble import assemble_shard, safe_reject_row
 from mpalign.data.records import assign_shards, fingerprint, read_records
 from mpalign.data.schema import (
     CONFIG_FILE,
@@ -65,18 +65,35 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 
 
 def write_shard(out: Path, index: int, samples: list[dict[str, Any]], rejects: list[dict[str, Any]],
-                cfg: Config) -> None:
-    """Rejects first, samples last: the samples file existing is what marks a shard finished."""
+                cfg: Config) -> tuple[int, int]:
+    """Rejects first, samples last: the samples file existing is what marks a shard finished. A sample the
+    samples schema cannot hold becomes a ``stage_error`` reject of stage "write" instead of failing the shard
+    (the reader already refuses what it knows would not fit; this is the net for what it does not know).
+    Returns the (samples, rejects) written."""
+    schema = sample_schema(cfg.data)
+    try:
+        table = pa.Table.from_pylist(samples, schema=schema)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):  # find the rows that fail; keep the others
+        kept = []
+        for sample in samples:
+            try:
+                pa.Table.from_pylist([sample], schema=schema)
+                kept.append(sample)
+            except (pa.ArrowException, ValueError, TypeError, OverflowError) as row_exc:
+                rejects.append(safe_reject_row({**sample, "reason": "stage_error", "stage": "write",
+                                                "detail": f"{type(row_exc).__name__}: {row_exc}"[:500]}))
+        samples, table = kept, pa.Table.from_pylist(kept, schema=schema)
     _write_atomic(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), out / REJECTS_DIR / shard_name(index))
-    _write_atomic(pa.Table.from_pylist(samples, schema=sample_schema(cfg.data)), out / SAMPLES_DIR / shard_name(index))
+    _write_atomic(table, out / SAMPLES_DIR / shard_name(index))
+    return len(samples), len(rejects)
 
 
 def finish_shard(out: Path, index: int, rows: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
     """Assemble and write one shard from all its finished work rows; returns the summary the driver keeps: counts,
     and each row's reject stage and stage times (for stats.json)."""
     samples, rejects, pair_counts = assemble_shard(rows, cfg.data)
-    write_shard(out, index, samples, rejects, cfg)
-    return {"shard": index, "samples": len(samples), "rejects": len(rejects), "frame_pairs": dict(pair_counts),
+    n_samples, n_rejects = write_shard(out, index, samples, rejects, cfg)
+    return {"shard": index, "samples": n_samples, "rejects": n_rejects, "frame_pairs": dict(pair_counts),
             "rows": [{k: row[k] for k in ("reject_stage", *(f"t_{n}" for n in STAGE_NAMES))} for row in rows]}
 
 
@@ -102,8 +119,6 @@ class ShardBuilder:
         return pa.table({"summary": [json.dumps(self.build(i, records)) for i, records in shards.items()]})
 
 
-STAGE_LAYOUTS = ("auto", "chain", "per_stage")
-
 
 def actor_pools(cfg: Config, cluster: dict[str, float]) -> list[tuple[tuple[str, ...], ActorPoolConfig]]:
     """The Ray pipeline's actor pools, in order: (the stages each actor runs, the pool's settings).
@@ -114,9 +129,6 @@ def actor_pools(cfg: Config, cluster: dict[str, float]) -> list[tuple[tuple[str,
     data = cfg.data
     if data.stage_layout not in STAGE_LAYOUTS:
         raise ConfigError(f"data.stage_layout must be one of {', '.join(STAGE_LAYOUTS)}, got '{data.stage_layout}'")
-    for key, allowed in (("boxes", ("detector", "annotations")), ("masks", ("sam", "box"))):
-        if getattr(data, key) not in allowed:
-            raise ConfigError(f"data.{key} must be one of {', '.join(allowed)}, got '{getattr(data, key)}'")
     unknown = sorted(set(data.stages) - set(STAGE_NAMES))
     if unknown:
         raise ConfigError(f"unknown dataset stage(s) {', '.join(unknown)} in data.stages; stages: {', '.join(STAGE_NAMES)}")
@@ -227,8 +239,18 @@ def _check_manifest(out: Path, manifest: dict[str, Any], overwrite: bool) -> Non
         for name in (STATS_FILE, MANIFEST_FILE, CONFIG_FILE):
             (out / name).unlink(missing_ok=True)
     elif path.exists():
-        old = json.loads(path.read_text())
-        if old.get("fingerprint") != manifest["fingerprint"]:
+        try:
+            old = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            old = {}
+        finished = any((out / SAMPLES_DIR).glob("*.parquet"))
+        if old.get("fingerprint") != manifest["fingerprint"] and not finished:
+            # a build that failed before finishing any shard: nothing to keep, so it never blocks the fixed rerun
+            for sub in (SAMPLES_DIR, REJECTS_DIR):  # rejects-only files of its unfinished shards included
+                shutil.rmtree(out / sub, ignore_errors=True)
+            for name in (STATS_FILE, MANIFEST_FILE, CONFIG_FILE):
+                (out / name).unlink(missing_ok=True)
+        elif old.get("fingerprint") != manifest["fingerprint"]:
             raise ConfigError(f"output '{out}' holds a dataset built from another input or config; pass --overwrite "
                               f"to rebuild it or choose another --output")
     elif out.exists() and any(out.iterdir()):
@@ -293,6 +315,8 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
     from mpalign.sample_data import ensure_sample_dataset
 
     log = log or (lambda msg: print(msg, flush=True))
+    if max_shards is not None and max_shards < 1:
+        raise ConfigError(f"--max-shards must be at least 1, got {max_shards} (leave it out to build every shard)")
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor '{executor}', expected one of {', '.join(EXECUTORS)}")
     if not cfg.data.cache_dinov2:

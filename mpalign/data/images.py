@@ -52,6 +52,28 @@ def square_resize(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[int,
     return np.asarray(resized.crop((left, top, left + size, top + size))), (top, left)
 
 
+WHITE = (255, 255, 255)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB by two documented rules (docs/dataset.md): high-bit-depth grey (16-bit PNG/TIFF, 32-bit integer,
+    float) is scaled to 0-255, not clipped (Pillow's ``convert`` clips 16-bit values, so every pixel above 255
+    came out white); transparent pixels are composited on white, the background of product and subject photos
+    (``convert`` would drop the alpha and show whatever colour the transparent pixels happen to hold)."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":  # float images are 0-1 unless their values say otherwise
+            full = max(1.0, float(values.max(initial=0.0)))
+        else:  # 16-bit range; 32-bit integer images beyond it to their own maximum
+            full = max(65535.0, float(values.max(initial=0.0)))
+        grey = np.clip(np.rint(values * (255.0 / full)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*WHITE, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def decode_image(image_path: str, image_bytes: bytes | None, cfg: DataConfig
                  ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
     """(pixels uint8 (S, S, 3), original (h, w), crop (top, left)); raises ``RejectRecord`` for unusable images.
@@ -62,7 +84,7 @@ def decode_image(image_path: str, image_bytes: bytes | None, cfg: DataConfig
         check_size(*image.size, cfg)
         try:
             image = ImageOps.exif_transpose(image)
-            rgb = image.convert("RGB")  # forces the full decode: truncated files fail here
+            rgb = to_rgb(image)  # forces the full decode: truncated files fail here
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise RejectRecord("unreadable_image", f"{type(exc).__name__}: {exc}") from None
     width, height = rgb.size

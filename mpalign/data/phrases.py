@@ -13,6 +13,8 @@ grass", "wall" in "in front of a wall") are left out.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +34,39 @@ NON_VISUAL_ENTITIES = frozenset({"DATE", "TIME", "PERCENT", "MONEY", "QUANTITY",
                                  "LAW", "EVENT"})
 NOMINAL_DEPS = frozenset({"pobj", "dobj", "nsubj", "nsubjpass", "attr", "appos", "compound", "npadvmod"})
 _BOUNDARY_POS = frozenset({"ADP", "CCONJ", "SCONJ", "PUNCT"})
+
+
+# Short function words of the languages most often found in scraped captions that are no English words: a caption
+# holding more of these than English function words is not English (Latin-script languages pass a script check).
+FOREIGN_FUNCTION_WORDS = frozenset(
+    ["der", "das", "ein", "eine", "einem", "einen", "einer", "und", "mit", "auf", "dem", "des", "im", "ist", "vor",
+     "neben", "unter", "zwei", "le", "la", "les", "un", "une", "du", "et", "avec", "sur", "dans", "est", "deux", "el",
+     "los", "las", "una", "y", "con", "en", "del", "sobre", "junto", "dos", "il", "lo", "gli", "uno", "di", "della",
+     "sul", "nel", "ed", "um", "uma", "os", "com", "em", "ao", "het", "een", "van", "op", "naast", "onder", "och",
+     "med", "ett", "på", "og", "af"]
+)
+ENGLISH_FUNCTION_WORDS = frozenset(
+    ["a", "an", "the", "and", "of", "on", "in", "with", "at", "by", "to", "is", "are", "next", "two", "three", "its",
+     "his", "her", "their", "under", "over", "near", "from", "for", "some", "this", "that", "behind", "beside"]
+)
+
+
+def unsupported_language(caption: str) -> str | None:
+    """Why an English phrase model cannot read ``caption`` (None when it can): mostly non-Latin letters (Chinese,
+    Arabic, Cyrillic, ...), or Latin-script words that are more often another language's function words than
+    English ones (German, French, Spanish, ...). Without this check such captions become samples whose "phrases"
+    are whatever the English tagger made of them (German kept whole, Arabic reduced to an English fragment)."""
+    letters = [ch for ch in caption if ch.isalpha()]
+    if not letters:
+        return None
+    latin = sum(ch.isascii() or unicodedata.name(ch, "").startswith("LATIN") for ch in letters)
+    if latin / len(letters) < 0.5:
+        return f"{len(letters) - latin} of {len(letters)} letters are not Latin script"
+    words = re.findall(r"[^\W\d_]+", caption.lower())
+    foreign = [w for w in words if w in FOREIGN_FUNCTION_WORDS]
+    if len(foreign) > sum(w in ENGLISH_FUNCTION_WORDS for w in words):
+        return f"reads as another language than English ({', '.join(dict.fromkeys(foreign))})"
+    return None
 
 
 @dataclass(frozen=True)

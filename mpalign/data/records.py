@@ -8,11 +8,13 @@ and keep all frames of a clip together so frame pairs can be assembled from one 
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mpalign.config import ConfigError
@@ -20,6 +22,22 @@ from mpalign.config import ConfigError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_FIELDS = ("image", "image_path", "path", "file")  # accepted names of the image column/field
 CAPTION_FIELDS = ("caption", "text", "prompt")
+INT32_RANGE = (-(2**31), 2**31 - 1)  # frame_idx is stored as int32
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """A lone UTF-16 surrogate (a JSON "\\ud83d" escape cut from its pair, a non-UTF-8 file name): not Unicode, and
+    Arrow refuses to store it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def printable(text: str) -> str:
+    """``text`` as storable UTF-8, lone surrogates written as backslash escapes (for reject rows and ids)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if has_lone_surrogate(text) else text
 
 
 def _digest(*parts: Any) -> str:
@@ -43,9 +61,12 @@ def split_of(key: str, val_fraction: float, seed: int = 0) -> str:
 def _record(rid: str | None, image_path: str, image_bytes: bytes | None, caption: Any, video_id: Any = None,
             frame_idx: Any = None, reject: tuple[str, str] | None = None,
             annotations: tuple[list[str], list[list[float]]] | None = None) -> dict[str, Any]:
-    return {"id": rid, "image_path": image_path, "image_bytes": image_bytes, "caption": caption,
-            "video_id": video_id, "frame_idx": frame_idx,
-            "annotated_phrases": annotations[0] if annotations else None,
+    """One record in the flat form; every string is made storable here, so no later stage or the writer can fail on
+    a record's text (a record whose text needed that is rejected by the caller)."""
+    return {"id": None if rid is None else printable(rid), "image_path": printable(image_path),
+            "image_bytes": image_bytes, "caption": printable(caption),
+            "video_id": None if video_id is None else printable(video_id), "frame_idx": frame_idx,
+            "annotated_phrases": [printable(p) for p in annotations[0]] if annotations else None,
             "annotated_boxes": annotations[1] if annotations else None,
             "reject_reason": reject[0] if reject else None, "reject_detail": reject[1] if reject else None,
             "reject_stage": "read" if reject else None}
@@ -77,6 +98,14 @@ def _from_mapping(raw: Any, base: Path, line: int) -> dict[str, Any]:
         problem = f"video_id must be a string or integer, got {type(video_id).__name__}"
     elif frame_idx is not None and (isinstance(frame_idx, bool) or not isinstance(frame_idx, int)):
         problem = f"frame_idx must be an integer, got {frame_idx!r}"
+    elif frame_idx is not None and not INT32_RANGE[0] <= frame_idx <= INT32_RANGE[1]:
+        problem = f"frame_idx {frame_idx} is outside the 32-bit integer range (a timestamp? give the frame's index)"
+        frame_idx = None
+    else:
+        broken = [name for name, value in (("caption", caption), ("id", rid), ("video_id", video_id),
+                                           ("image", image_path)) if isinstance(value, str) and has_lone_surrogate(value)]
+        if broken:
+            problem = f"{', '.join(broken)} holds a lone surrogate (a \\uD800-\\uDFFF escape without its pair): not text"
     annotations = None
     if problem is None and raw.get("objects") is not None:
         annotations, problem = _annotations(raw["objects"])
@@ -109,21 +138,37 @@ def _annotations(objects: Any) -> tuple[tuple[list[str], list[list[float]]] | No
         phrases.append(phrase)
         boxes.append([float(v) for v in box])
     return (phrases, boxes), None
+def decode_utf8(data: bytes) -> tuple[str | None, str]:
+    """(text, "") for UTF-8 bytes, (None, why) otherwise: Latin-1 or other legacy encodings are refused, never
+    guessed or decoded with replacement characters (both mangle the caption silently)."""
+    try:
+        return data.decode("utf-8"), ""
+    except UnicodeDecodeError as exc:
+        return None, (f"not UTF-8 (byte 0x{data[exc.start]:02x} at byte {exc.start + 1}; Latin-1 or another legacy "
+                      f"encoding?): re-encode the input as UTF-8")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One record per ``\\n``-terminated line. Not ``str.splitlines``: it also splits at U+2028/U+2029 and other
+    characters that JSON allows raw inside strings. A UTF-8 byte-order mark at the start is skipped."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     records = []
-    for line_no, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-        if not line.strip():
+    for line_no, raw_line in enumerate(data.split(b"\n"), start=1):
+        if not raw_line.strip():
             continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as exc:
-            rec = _record(derived_id("jsonl-line", line), "", None, "",
-                          reject=("bad_record", f"line {line_no}: invalid JSON ({exc.msg})"))
-            records.append(rec)
-            continue
-        records.append(_from_mapping(raw, path.parent, line_no))
+        line, problem = decode_utf8(raw_line)
+        if line is not None:
+            try:
+                records.append(_from_mapping(json.loads(line), path.parent, line_no))
+                continue
+            except json.JSONDecodeError as exc:
+                problem = f"invalid JSON ({exc.msg})"
+            except RecursionError:
+                problem = "JSON nested too deeply"
+            except ValueError as exc:  # e.g. an integer longer than Python's 4300-digit conversion limit
+                problem = f"invalid JSON ({exc})"
+        records.append(_record(derived_id("jsonl-line", raw_line), "", None, "",
+                               reject=("bad_record", f"line {line_no}: {problem}"[:500])))
     return records
 
 
@@ -131,19 +176,30 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
     records = []
     for file in files:
-        for row_no, raw in enumerate(pq.read_table(file).to_pylist(), start=1):
+        try:
+            rows = pq.read_table(file).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise ConfigError(f"cannot read Parquet file '{file}': {exc}") from None
+        for row_no, raw in enumerate(rows, start=1):
             records.append(_from_mapping(raw, file.parent, row_no))
     return records
 
 
 def _read_folder(path: Path) -> list[dict[str, Any]]:
-    """Images anywhere under ``path``; the caption of ``x/y.jpg`` is ``x/y.txt`` (missing → empty caption)."""
+    """Images anywhere under ``path``; the caption of ``x/y.jpg`` is ``x/y.txt`` (missing → empty caption; UTF-8,
+    a byte-order mark skipped)."""
     records = []
     for image in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         caption_file = image.with_suffix(".txt")
-        caption = caption_file.read_text(errors="replace").strip() if caption_file.exists() else ""
+        caption, problem = "", ""
+        if caption_file.exists():
+            text, problem = decode_utf8(caption_file.read_bytes().removeprefix(codecs.BOM_UTF8))
+            caption = (text or "").strip()
+            problem = problem and f"caption file {caption_file.name}: {problem}"
         rid = str(image.relative_to(path).with_suffix(""))
-        records.append(_record(rid, str(image), None, caption))
+        if has_lone_surrogate(rid):
+            problem = "the file name is not valid UTF-8"
+        records.append(_record(rid, str(image), None, caption, reject=("bad_record", problem) if problem else None))
     return records
 
 
@@ -160,19 +216,36 @@ def read_records(input_path: str | Path) -> list[dict[str, Any]]:
         records = _read_folder(path)
     else:
         raise ConfigError(f"input '{path}' is neither a .jsonl / .parquet file nor a folder of images")
-    seen: set[str] = set()
-    for record in records:
-        if record["id"] in seen and record["reject_reason"] is None:
-            record.update(reject_reason="duplicate_id", reject_detail=f"id '{record['id']}' appeared before",
-                          reject_stage="read")
-        seen.add(record["id"])
-    # rejected duplicates still need unique ids in the output
-    counts: dict[str, int] = {}
-    for record in records:
-        if record["reject_reason"] == "duplicate_id":
-            counts[record["id"]] = counts.get(record["id"], 0) + 1
-            record["id"] = f"{record['id']}#dup{counts[record['id']]}"
+    _unique_ids(records)
     return records
+
+
+def _unique_ids(records: list[dict[str, Any]]) -> None:
+    """Every output row gets its own id. Usable records claim their ids first, in input order, so a malformed record
+    never takes the id of a later good one; a usable record whose id an earlier usable one holds is a
+    ``duplicate_id``. Rows left without an id of their own become ``<id>#dup<n>`` with the smallest n that no
+    record of the input uses."""
+    owner: dict[str, int] = {}
+    for i, record in enumerate(records):
+        if record["reject_reason"] is None:
+            if record["id"] in owner:
+                record.update(reject_reason="duplicate_id", reject_detail=f"id '{record['id']}' appeared before",
+                              reject_stage="read")
+            else:
+                owner[record["id"]] = i
+    taken = {record["id"] for record in records}
+    used = set(owner)
+    for i, record in enumerate(records):
+        if owner.get(record["id"]) == i:
+            continue
+        if record["id"] not in used:
+            used.add(record["id"])
+            continue
+        n = 1
+        while f"{record['id']}#dup{n}" in taken or f"{record['id']}#dup{n}" in used:
+            n += 1
+        record["id"] = f"{record['id']}#dup{n}"
+        used.add(record["id"])
 
 
 def assign_shards(records: list[dict[str, Any]], rows_per_shard: int) -> list[list[dict[str, Any]]]:

@@ -8,12 +8,15 @@ the pixels the caches were computed from). ``docs/dataset.md`` documents every c
 from __future__ import annotations
 
 import io
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
-from mpalign.config import DataConfig
+from mpalign.config import ConfigError, DataConfig
 
 SAMPLES_DIR = "samples"
 REJECTS_DIR = "rejects"
@@ -76,7 +79,8 @@ REJECT_SCHEMA = pa.schema([
 
 # Reasons a record is rejected; every reject row carries one of these.
 REJECT_REASONS = {
-    "bad_record": "the input record is malformed (not a JSON object, wrong field types, no image field)",
+    "bad_record": "the input record is malformed (not UTF-8, not a JSON object, wrong field types or ranges, text that "
+                  "is not Unicode, no image field)",
     "duplicate_id": "another record earlier in the input has the same id",
     "empty_caption": "the caption is empty or whitespace",
     "missing_image": "the image file does not exist",
@@ -84,11 +88,30 @@ REJECT_REASONS = {
     "image_too_small": "the shorter side is below data.min_image_side",
     "image_too_large": "the longer side is above data.max_image_side (checked before decoding)",
     "bad_aspect_ratio": "long/short side ratio above data.max_aspect_ratio",
+    "unsupported_language": "the caption is not English, which the phrase model reads (data.caption_language)",
     "no_subject_phrase": "the caption has no visual subject phrase",
     "too_many_subjects": "the caption names more subjects than data.max_subjects",
     "no_detection": "no phrase got a box that passes the thresholds and the box rules",
-    "stage_error": "a stage raised on this record alone (the detail names the exception)",
+    "stage_error": "a stage raised on this record alone, or its sample did not fit the schema (stage \"write\"); the "
+                   "detail names the exception",
 }
+
+
+def split_counts(samples_dir: str | Path) -> Counter[str]:
+    """Rows per split of a built dataset's local samples folder, from the ``split`` column alone; a ConfigError
+    when the folder holds no shard or something that is not a shard of ours (an empty or foreign folder)."""
+    shards = sorted(Path(samples_dir).glob("*.parquet"))
+    if not shards:
+        raise ConfigError(f"'{samples_dir}' holds no Parquet shards: build the dataset with "
+                          f"`python pipelines/build_dataset.py --output {Path(samples_dir).parent}`")
+    counts: Counter[str] = Counter()
+    for shard in shards:
+        try:
+            counts.update(pq.read_table(shard, columns=["split"])["split"].to_pylist())
+        except (pa.ArrowException, OSError, KeyError) as exc:
+            raise ConfigError(f"'{shard}' is not a shard of a built dataset ({' '.join(str(exc).split())[:200]})") \
+                from None
+    return counts
 
 
 def disabled_columns(cfg: DataConfig) -> set[str]:

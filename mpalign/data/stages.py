@@ -23,7 +23,7 @@ from PIL import Image
 from mpalign.config import Config, StageConfig
 from mpalign.data.detection import annotated_boxes, detect_boxes
 from mpalign.data.images import RejectRecord, decode_image
-from mpalign.data.phrases import NounLexicon, extract_phrases, token_positions
+from mpalign.data.phrases import NounLexicon, extract_phrases, token_positions, unsupported_language
 from mpalign.data.schema import BOX, decode_png, encode_png, pack_array, unpack_array
 from mpalign.data.segmentation import background_filled_crop, box_mask, segment_boxes
 
@@ -125,6 +125,13 @@ class PhraseStage(Stage):
         self.tokenizer, _ = load_sdxl_tokenizers(cfg.model)
 
     def process(self, rows: list[dict[str, Any]]) -> None:
+        if self.cfg.data.caption_language != "any":
+            for row in rows:
+                why = unsupported_language(row["caption"])
+                if why:
+                    reject(row, "unsupported_language", f"{why}: the phrase model ({self.cfg.model.spacy}) reads "
+                           f"English; data.caption_language=any lets a multilingual model.spacy through", self.name)
+            rows = [r for r in rows if r["reject_reason"] is None]
         for row, phrases in zip(rows, extract_phrases(self.nlp, [r["caption"] for r in rows], self.is_noun)):
             if not phrases:
                 reject(row, "no_subject_phrase", "no visual noun phrase in the caption", self.name)

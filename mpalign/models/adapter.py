@@ -13,6 +13,7 @@ from torch import nn
 from mpalign.config import ModelConfig
 from mpalign.models.attention import MultiSubjectAttnProcessor, SelfAttnTapProcessor, TextOnlyAttnProcessor, block_of
 from mpalign.models.resampler import GroundingResampler
+from mpalign.zoo import IncompatibleModelError
 
 
 def place(module: nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
@@ -95,7 +96,7 @@ class MSAdapter(ModelMixin, ConfigMixin):
         if phrase_dim is not None and self.config.phrase_dim != phrase_dim:
             problems.append(f"phrase width {self.config.phrase_dim} vs the text encoder's {phrase_dim}")
         if problems:
-            raise ValueError("the adapter does not fit these models: " + "; ".join(problems))
+            raise IncompatibleModelError("the adapter does not fit these models: " + "; ".join(problems))
 
     def attach(self, unet, scale: float = 1.0) -> None:
         """Install the multi-subject processors on ``unet``'s cross-attention layers and the tapping self-attention

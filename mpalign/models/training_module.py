@@ -70,10 +70,19 @@ def load_adapter_parts(adapter_dir: str | Path) -> tuple[MSAdapter, AlignmentPro
     if not (adapter_dir / "config.json").is_file():
         raise FileNotFoundError(f"'{adapter_dir}' holds no adapter (no config.json); write one with save_adapter or "
                                 "python -m mpalign.convert_msdiffusion")
-    adapter = MSAdapter.from_pretrained(adapter_dir)
     projector_dir = adapter_dir / PROJECTORS_SUBFOLDER
-    projectors = AlignmentProjectors.from_pretrained(projector_dir) if (projector_dir / "config.json").is_file() else None
-    return adapter, projectors
+    parts = [(MSAdapter, adapter_dir)] + [(AlignmentProjectors, projector_dir)] * (projector_dir / "config.json").is_file()
+    loaded = []
+    for cls, folder in parts:
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise zoo.ModelLoadError(f"'{folder}' holds a config.json but no weights "
+                                     f"(diffusion_pytorch_model.safetensors): copy the whole folder save_adapter wrote")
+        try:
+            loaded.append(cls.from_pretrained(folder))
+        except Exception as exc:  # any failure to read a user's folder (bad JSON, truncated file) is theirs to fix
+            raise zoo.ModelLoadError(f"cannot load the {cls.__name__} in '{folder}' (damaged or incomplete?): "
+                                     f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
+    return loaded[0], loaded[1] if len(loaded) > 1 else None
 
 
 class MPAlignTrainingModule(nn.Module):
@@ -154,7 +163,7 @@ class MPAlignTrainingModule(nn.Module):
         """Load weights saved by :meth:`save_adapter` (or a converted checkpoint: then the projectors stay)."""
         adapter, projectors = load_adapter_parts(adapter_dir)
         if adapter.architecture() != self.adapter.architecture():
-            raise ValueError(f"the adapter in '{adapter_dir}' has other sizes than this model's: "
+            raise zoo.IncompatibleModelError(f"the adapter in '{adapter_dir}' has other sizes than this model's: "
                              f"{adapter.architecture()} vs {self.adapter.architecture()}")
         self.adapter.load_state_dict(adapter.state_dict())
         if projectors is not None:
