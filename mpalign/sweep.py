@@ -25,9 +25,11 @@ from ray.tune import Callback
 
 from mpalign.cli import UserInputError
 from mpalign.config import Config, ConfigError, config_from_dict
+from mpalign.eval.benchmarks import BUILTIN_BENCHMARKS
 from mpalign.eval.fidelity import (
     REPORTED,
     below_clip_t_floor,
+    benchmark_requests,
     check_metric,
     metric_key,
     metric_mode,
@@ -308,6 +310,8 @@ def _absolute_paths(cfg: Config) -> Config:
     cfg.tune.output_dir = str(Path(cfg.tune.output_dir).expanduser().resolve())
     if "://" not in cfg.data.path:
         cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    if cfg.tune.eval_benchmark and cfg.tune.eval_benchmark not in BUILTIN_BENCHMARKS:  # a samples file
+        cfg.tune.eval_benchmark = str(Path(cfg.tune.eval_benchmark).expanduser().resolve())
     return cfg
 
 
@@ -323,6 +327,8 @@ def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
     check_tune_config(cfg)
     check_config(cfg)
     cfg = _absolute_paths(cfg)
+    if uses_fidelity(cfg) and cfg.tune.eval_benchmark:
+        benchmark_requests(cfg)  # a missing or malformed benchmark fails here, not in every trial
     if warmup_validations(cfg) >= math.ceil(cfg.train.max_steps / cfg.train.val_every):
         logger.warning("every validation falls inside the alignment warm-up (train.warmup_steps=%d): all trials of a "
                        "seed train the same model and the sweep can tell nothing apart", cfg.train.warmup_steps)
