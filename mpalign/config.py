@@ -234,7 +234,8 @@ class EvalConfig:
     # DINO v1 ViT-S/16, MS-Diffusion's (after DreamBooth): not the DINOv2 the alignment loss pulls features towards,
     # so DINO gains are not partly by construction; facebook/dinov2-* checkpoints are accepted too
     dino_model: str = "facebook/dino-vits16"
-    negative_prompt: str = "monochrome, lowres, bad anatomy, worst quality, low quality"  # MS-Diffusion's generate default
+    # MS-Diffusion's release default (its generate), so numbers are comparable; "" = none
+    negative_prompt: str = "monochrome, lowres, bad anatomy, worst quality, low quality"
     # extra per-subject scores by name (mpalign.eval.metrics.SUBJECT_METRICS, e.g. the toy world's identity)
     subject_metrics: list[str] = field(default_factory=list)
     num_gpus: float = -1.0  # per stage actor; -1 = half a GPU each (generation and scoring share one) when Ray has GPUs

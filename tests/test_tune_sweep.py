@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 
 MAX_STEPS = 4
 # Grid order is list order. In this order a later trial scores a worse DINO than an earlier one at the first
-# validation on the tiny preset (computation on CPU is deterministic), so ASHA (grace 1, reduction 2) has a trial to stop.
+# validation on the tiny preset (computation on CPU is deterministic), so ASHA (grace 1, reduction 2) has a trial to
+# stop.
 ALPHAS = [1.0, 0.01]
 LAYER_SETS = ["down+mid", "down+mid+up"]
 

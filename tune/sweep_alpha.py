@@ -4,8 +4,8 @@
 
 The search space, scheduler and per-trial resources come from the config's ``tune`` section; every trial trains with
 ``mpalign.train`` and is ranked by ``tune.metric`` (a fidelity score of images it generates at each validation, or
-the held-out diffusion loss). Outputs in ``tune.output_dir``: results.csv (one row per trial), objective_vs_alpha.png and
-best_config.yaml (run it with ``python -m mpalign.train --config .../best_config.yaml``). See docs/sweeps.md.
+the held-out diffusion loss). Outputs in ``tune.output_dir``: results.csv (one row per trial), objective_vs_alpha.png
+and best_config.yaml (run it with ``python -m mpalign.train --config .../best_config.yaml``). See docs/sweeps.md.
 """
 
 from __future__ import annotations
