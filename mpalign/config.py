@@ -208,7 +208,12 @@ class TrainConfig:
 @dataclass
 class TuneConfig:
     output_dir: str = "outputs/tiny/tune"
-    num_samples: int = 1  # repeats of the grid (or draws from a random space)
+    num_samples: int = 1  # repeats of the grid (or draws from a random space; with search=optuna: the trial count)
+    # grid: Tune's grid (alpha_search below picks grid or random alpha); optuna: Optuna's TPE over log-alpha and the
+    # other lists as choices, through Ray Tune's OptunaSearch (pip install 'mpalign[optuna]')
+    search: str = "grid"
+    # train.seed of each trial, a grid axis: two seeds or more give the plot error bars (seed-to-seed spread)
+    seeds: list[int] = field(default_factory=lambda: [0])
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.1])
     alpha_search: str = "grid"  # grid | loguniform
     alpha_min: float = 1e-3
@@ -224,8 +229,21 @@ class TuneConfig:
     max_concurrent_trials: int = 1
     cpus_per_trial: float = 0.5  # one trial's training workers in total (split over train.num_workers)
     gpus_per_trial: float = 0.0  # likewise; fractions let several trials share a GPU
-    metric: str = "objective"
-    mode: str = "min"
+    # What trials are ranked and stopped by: a fidelity score of images the trial generates at each validation
+    # (dino, m_dino, clip_i, or a registered per-subject metric such as the toy world's identity; higher is better)
+    # or "diffusion", the held-out diffusion loss (lower is better). The diffusion loss is reported either way.
+    metric: str = "dino"
+    # CLIP-T floor: a trial whose CLIP-T falls below it buys identity by ignoring the prompt; it is marked, ranks
+    # last for ASHA and is never the best config. None = no floor.
+    min_clip_t: float | None = None
+    # The fidelity evaluation each validation runs: eval_samples held-out samples (the dataset's val split, or the
+    # first of eval_benchmark: msbench, dreambench or a samples file), one image each from fixed latents (eval_seed),
+    # eval_steps sampling steps at eval.height x eval.width. Few steps on purpose: it must stay a small share of a
+    # trial (results.csv's eval_share).
+    eval_benchmark: str = ""  # "" = the dataset's val split
+    eval_samples: int = 4
+    eval_steps: int = 4
+    eval_seed: int = 0
 
 
 @dataclass
@@ -243,7 +261,13 @@ class EvalConfig:
     batch_size: int = 2
     concurrency: int = 1
     clip_model: str = "openai/clip-vit-large-patch14"
-    dino_model: str = "facebook/dinov2-base"
+    # DINO v1 ViT-S/16, MS-Diffusion's (after DreamBooth): not the DINOv2 the alignment loss pulls features towards,
+    # so DINO gains are not partly by construction; facebook/dinov2-* checkpoints are accepted too
+    dino_model: str = "facebook/dino-vits16"
+    # MS-Diffusion's release default (its generate), so numbers are comparable; "" = none
+    negative_prompt: str = "monochrome, lowres, bad anatomy, worst quality, low quality"
+    # extra per-subject scores by name (mpalign.eval.metrics.SUBJECT_METRICS, e.g. the toy world's identity)
+    subject_metrics: list[str] = field(default_factory=list)
     num_gpus: float = -1.0  # per stage actor; -1 = half a GPU each (generation and scoring share one) when Ray has GPUs
     report_samples: int = 24  # samples shown in the report's image grid (every score still goes to the CSV/Parquet)
 

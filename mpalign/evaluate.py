@@ -1,5 +1,5 @@
-"""Evaluate adapters on MS-Bench, DreamBench or your own file; scores CLIP-I, CLIP-T, DINO and M-DINO and writes an
-HTML report with one column per adapter.
+"""Evaluate adapters on MS-Bench, DreamBench or your own file; scores CLIP-I, CLIP-T, DINO and M-DINO (and any
+per-subject metrics of ``eval.subject_metrics``) and writes an HTML report with one column per adapter.
 
     python -m mpalign.evaluate --benchmark msbench --adapter outputs/tiny/train/adapter --out outputs/tiny/eval
     python -m mpalign.evaluate --benchmark dreambench --adapter A --adapter B --limit 20 --seeds 0,1
@@ -97,6 +97,7 @@ def report_settings(cfg: Config, num_prompts: int, seconds: float) -> dict[str, 
     return {
         "benchmark": ev.benchmark, "prompts": num_prompts, "seeds": ev.seeds, "images per prompt": ev.images_per_prompt,
         "model preset": cfg.model.preset, "steps": ev.num_inference_steps, "guidance scale": ev.guidance_scale,
+        "negative prompt": ev.negative_prompt or "(none)",
         "size": f"{ev.width}x{ev.height}", "CLIP": ev.clip_model if cfg.model.preset == "pretrained" else tiny,
         "DINO": ev.dino_model if cfg.model.preset == "pretrained" else tiny, "wall time": f"{seconds:.1f} s",
     }

@@ -2,9 +2,11 @@
 
 Each trial runs :func:`mpalign.train.run_training` — the training code itself, not a copy — with the trial's
 parameters applied to the base config, in its own folder ``<tune.output_dir>/trials/<trial id>``. Trials report the
-validation metrics of every validation to Tune (``TuneReportCallback``), so ASHA can stop the weak ones early; the
-objective is the held-out diffusion loss with fixed noise and timesteps (``mpalign.training.validation``), identical
-for every trial. The entry point is ``tune/sweep_alpha.py``; docs/sweeps.md explains the outputs.
+validation metrics of every validation to Tune (``TuneReportCallback``), so ASHA can stop the weak ones early. The
+objective is ``tune.metric``: a fidelity score (DINO, M-DINO, CLIP-I or a registered per-subject metric) of a fixed
+held-out set each validation generates (``mpalign.eval.fidelity``), or the held-out diffusion loss
+(``mpalign.training.validation``); both are measured identically for every trial. The entry point is
+``tune/sweep_alpha.py``; docs/sweeps.md explains the outputs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ from ray.tune import Callback
 
 from mpalign.cli import UserInputError
 from mpalign.config import Config, ConfigError, config_from_dict
+from mpalign.eval.benchmarks import BUILTIN_BENCHMARKS
+from mpalign.eval.fidelity import (
+    REPORTED,
+    below_clip_t_floor,
+    benchmark_requests,
+    check_metric,
+    metric_key,
+    metric_mode,
+    subject_metric_names,
+)
 
 logger = logging.getLogger("mpalign.sweep")
 
@@ -34,8 +46,9 @@ RESULTS_CSV = "results.csv"
 PLOT_PNG = "objective_vs_alpha.png"
 BEST_YAML = "best_config.yaml"
 TRIAL_ACTOR_CPUS = 0.01  # a trial's own actor only waits on its TorchTrainer; the training workers hold the resources
-RESULT_COLUMNS = ("trial_id", "alpha", "layer_set", "lambda_self", "loss_extras", "objective", "step", "max_steps",
-                  "early_stopped", "status", "val_cos_cross", "val_cos_self", "output_dir")
+SEARCHES = ("grid", "optuna")
+# the trial parameters a search point sets (seed = the trial's train.seed)
+PARAMS = ("alpha", "layer_set", "lambda_self", "loss_extras", "seed")
 
 
 def parse_layer_set(name: str) -> list[str]:
@@ -63,6 +76,22 @@ def check_tune_config(cfg: Config) -> None:
         parse_layer_set(name)
     for name in tune.loss_extras:
         parse_extras(name)
+    check_metric(tune.metric)
+    if tune.search not in SEARCHES:
+        raise ConfigError(f"tune.search must be one of {list(SEARCHES)}, got '{tune.search}'")
+    if tune.search == "optuna":
+        if not 0 < tune.alpha_min < tune.alpha_max:
+            raise ConfigError("tune.search=optuna searches log-alpha: it needs 0 < tune.alpha_min < tune.alpha_max")
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("tune.search=optuna needs Optuna: pip install 'mpalign[optuna]'") from None
+    if not tune.seeds:
+        raise ConfigError("tune.seeds is empty: give at least one train.seed")
+    if tune.metric != "diffusion" and tune.eval_samples < 1:
+        raise ConfigError(f"tune.metric={tune.metric} scores generated images: set tune.eval_samples >= 1")
+    if tune.eval_samples < 0 or tune.eval_steps < 1:
+        raise ConfigError("tune.eval_samples must be >= 0 and tune.eval_steps >= 1")
     if tune.alpha_search not in ("grid", "loguniform"):
         raise ConfigError(f"tune.alpha_search must be 'grid' or 'loguniform', got '{tune.alpha_search}'")
     if tune.alpha_search == "loguniform" and not 0 < tune.alpha_min < tune.alpha_max:
@@ -71,13 +100,6 @@ def check_tune_config(cfg: Config) -> None:
         raise ConfigError("tune.alphas is empty")
     if tune.scheduler not in ("asha", "fifo"):
         raise ConfigError(f"tune.scheduler must be 'asha' or 'fifo', got '{tune.scheduler}'")
-    if tune.mode not in ("min", "max"):
-        raise ConfigError(f"tune.mode must be 'min' or 'max', got '{tune.mode}'")
-    from mpalign.training.validation import VAL_TERMS
-
-    reported = ("objective", *(f"val_{term}" for term in VAL_TERMS))  # what every trial report carries
-    if tune.metric not in reported:
-        raise ConfigError(f"tune.metric '{tune.metric}' is not reported by the trials: use one of {', '.join(reported)}")
     if cfg.train.val_every < 1:
         raise ConfigError("sweeps rank trials by validation: set train.val_every >= 1")
     if tune.num_samples < 1 or tune.max_concurrent_trials < 1:
@@ -85,8 +107,9 @@ def check_tune_config(cfg: Config) -> None:
 
 
 def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
-    """The base config with one trial's parameters: alpha, tapped blocks, lambda_self, loss extras."""
+    """The base config with one trial's parameters: alpha, tapped blocks, lambda_self, loss extras, train.seed."""
     cfg = copy.deepcopy(cfg)
+    cfg.train.seed = int(params["seed"])
     cfg.train.alpha = float(params["alpha"])
     cfg.model.align_blocks = parse_layer_set(params["layer_set"])
     cfg.train.lambda_self = float(params["lambda_self"])
@@ -111,15 +134,66 @@ def trial_training_config(cfg: Config, params: dict[str, Any], output_dir: str) 
     return cfg
 
 
+def uses_fidelity(cfg: Config) -> bool:
+    """Whether trials generate and score the held-out set at each validation."""
+    return cfg.tune.eval_samples > 0
+
+
+def grid_points(cfg: Config) -> list[dict[str, Any]]:
+    """The grid's trials, each a full set of :data:`PARAMS`, without duplicates: alpha = 0 taps nothing, so its
+    trials with different layer sets or lambda_self train the same model (bit-identical objectives) and only the first
+    runs. Extras other than ``none`` read attention maps of the tapped blocks even at alpha = 0: those stay. With
+    ``alpha_search: loguniform`` alpha is left out (drawn by Tune)."""
+    space = cfg.tune
+    alphas = list(space.alphas) if space.alpha_search == "grid" else [None]
+    points, seen = [], set()
+    for alpha in alphas:
+        for layer_set in space.layer_sets:
+            for lambda_self in space.lambda_self:
+                for extras in space.loss_extras:
+                    for seed in space.seeds:
+                        idle = alpha == 0 and not parse_extras(extras)
+                        key = ((alpha, extras, seed) if idle else (alpha, layer_set, lambda_self, extras, seed))
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        point = {"layer_set": layer_set, "lambda_self": lambda_self, "loss_extras": extras,
+                                 "seed": seed}
+                        points.append(point if alpha is None else {"alpha": alpha, **point})
+    return points
+
+
 def search_space(cfg: Config) -> dict[str, Any]:
+    """Tune's param_space. Grid: one grid over :func:`grid_points` (the deduplicated product), alpha drawn per point
+    when ``alpha_search: loguniform``. Optuna: log-alpha in [alpha_min, alpha_max] and the lists as choices (the
+    seed is ``tune.seeds[0]``: TPE must not tune the seed)."""
     from ray import tune
 
     space = cfg.tune
-    alpha = (tune.grid_search(list(space.alphas)) if space.alpha_search == "grid"
-             else tune.loguniform(space.alpha_min, space.alpha_max))
-    return {"alpha": alpha, "layer_set": tune.grid_search(list(space.layer_sets)),
-            "lambda_self": tune.grid_search(list(space.lambda_self)),
-            "loss_extras": tune.grid_search(list(space.loss_extras))}
+    if space.search == "optuna":
+        return {"alpha": tune.loguniform(space.alpha_min, space.alpha_max),
+                "layer_set": tune.choice(list(space.layer_sets)), "lambda_self": tune.choice(list(space.lambda_self)),
+                "loss_extras": tune.choice(list(space.loss_extras))}
+    out: dict[str, Any] = {"point": tune.grid_search(grid_points(cfg))}
+    if space.alpha_search == "loguniform":
+        out["alpha"] = tune.loguniform(space.alpha_min, space.alpha_max)
+    return out
+
+
+def trial_params(trial_config: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """A trial's :data:`PARAMS` from its Tune config (a grid point and/or sampled values)."""
+    flat = {**trial_config.get("point", {}), **{k: v for k, v in trial_config.items() if k != "point"}}
+    flat.setdefault("seed", cfg.tune.seeds[0])
+    return {key: flat[key] for key in PARAMS}
+
+
+def _search_algorithm(cfg: Config):
+    if cfg.tune.search != "optuna":
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.tune.seeds[0]))
 
 
 def sweep_trial(params: dict[str, Any], base_config: dict[str, Any]) -> None:
@@ -132,8 +206,8 @@ def sweep_trial(params: dict[str, Any], base_config: dict[str, Any]) -> None:
 
     base = config_from_dict(base_config)
     trial_dir = Path(base.tune.output_dir) / TRIALS / tune.get_context().get_trial_id()
-    cfg = trial_training_config(base, params, str(trial_dir))
-    run_training(cfg, resume=True, callbacks=[TuneReportCallback()])
+    cfg = trial_training_config(base, trial_params(params, base), str(trial_dir))
+    run_training(cfg, resume=True, callbacks=[TuneReportCallback()], fidelity=uses_fidelity(cfg))
 
 
 def _trainable(cfg: Config):
@@ -153,8 +227,19 @@ def _scheduler(cfg: Config):
     # while it is still exporting its adapter.
     validations = math.ceil(cfg.train.max_steps / cfg.train.val_every)
     return ASHAScheduler(time_attr="training_iteration", max_t=validations + 1,
-                         grace_period=min(cfg.tune.grace_period, validations),
+                         grace_period=min(grace_period(cfg), validations),
                          reduction_factor=cfg.tune.reduction_factor)
+
+
+def warmup_validations(cfg: Config) -> int:
+    """Validations at or before the end of the alignment warm-up: alpha is 0 until ``train.warmup_steps``, so every
+    trial of a seed has trained the very same model there, and a rung there would carry no information."""
+    return cfg.train.warmup_steps // cfg.train.val_every
+
+
+def grace_period(cfg: Config) -> int:
+    """ASHA's first rung, in validations: ``tune.grace_period``, moved after the warm-up when that is longer."""
+    return max(cfg.tune.grace_period, warmup_validations(cfg) + 1)
 
 
 TRIAL_END = "trial_end.json"
@@ -206,10 +291,18 @@ class SweepOutcome:
 
 
 def expected_trials(cfg: Config) -> int:
-    """How many trials the search space makes: the grid's product, times ``num_samples``."""
-    space = cfg.tune
-    alphas = len(space.alphas) if space.alpha_search == "grid" else 1
-    return alphas * len(space.layer_sets) * len(space.lambda_self) * len(space.loss_extras) * space.num_samples
+    """How many trials the search makes: the deduplicated grid times ``num_samples``, or ``num_samples`` (Optuna)."""
+    if cfg.tune.search == "optuna":
+        return cfg.tune.num_samples
+    return len(grid_points(cfg)) * cfg.tune.num_samples
+
+
+def result_columns(cfg: Config) -> list[str]:
+    """results.csv's columns: the parameters, the objective, every score (fidelity and diffusion), the evaluation's
+    cost, and how the trial ended."""
+    scores = ["diffusion", *((*REPORTED, *subject_metric_names(cfg)) if uses_fidelity(cfg) else ())]
+    return ["trial_id", *PARAMS, "metric", "objective", "below_clip_t_floor", *scores, "eval_share", "eval_seconds",
+            "step", "max_steps", "early_stopped", "status", "val_cos_cross", "val_cos_self", "output_dir"]
 
 
 def _absolute_paths(cfg: Config) -> Config:
@@ -217,6 +310,8 @@ def _absolute_paths(cfg: Config) -> Config:
     cfg.tune.output_dir = str(Path(cfg.tune.output_dir).expanduser().resolve())
     if "://" not in cfg.data.path:
         cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    if cfg.tune.eval_benchmark and cfg.tune.eval_benchmark not in BUILTIN_BENCHMARKS:  # a samples file
+        cfg.tune.eval_benchmark = str(Path(cfg.tune.eval_benchmark).expanduser().resolve())
     return cfg
 
 
@@ -232,6 +327,11 @@ def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
     check_tune_config(cfg)
     check_config(cfg)
     cfg = _absolute_paths(cfg)
+    if uses_fidelity(cfg) and cfg.tune.eval_benchmark:
+        benchmark_requests(cfg)  # a missing or malformed benchmark fails here, not in every trial
+    if warmup_validations(cfg) >= math.ceil(cfg.train.max_steps / cfg.train.val_every):
+        logger.warning("every validation falls inside the alignment warm-up (train.warmup_steps=%d): all trials of a "
+                       "seed train the same model and the sweep can tell nothing apart", cfg.train.warmup_steps)
     out = Path(cfg.tune.output_dir)
     experiment = out / EXPERIMENT
     if experiment.exists() and not resume:
@@ -252,26 +352,30 @@ def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
             logger.info("nothing to resume in %s: starting the sweep", experiment)
         tuner = tune.Tuner(
             trainable, param_space=search_space(cfg),
-            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=_scheduler(cfg),
+            tune_config=tune.TuneConfig(metric="objective", mode=metric_mode(cfg.tune.metric),
+                                        scheduler=_scheduler(cfg), search_alg=_search_algorithm(cfg),
                                         num_samples=cfg.tune.num_samples,
                                         max_concurrent_trials=cfg.tune.max_concurrent_trials),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), callbacks=[TrialEnds(str(out / TRIALS))]),
         )
     grid = tuner.fit()
     rows = result_rows(grid, cfg)
-    results_csv = write_results(rows, out / RESULTS_CSV)
+    results_csv = write_results(rows, out / RESULTS_CSV, result_columns(cfg))
     plot_png = plot_objective(rows, out / PLOT_PNG, cfg.tune.metric)
-    best = best_row(rows, cfg.tune.mode)
+    best = best_row(rows, metric_mode(cfg.tune.metric))
     best_yaml = write_best_config(cfg, best, out / BEST_YAML) if best else None
     return SweepOutcome(out, rows, best, results_csv, plot_png, best_yaml, expected_trials(cfg))
 
 
 def result_rows(grid: Any, cfg: Config) -> list[dict[str, Any]]:
     """One row per trial. ``status``: finished (the trial ended by itself or the scheduler stopped it), error, or
-    unfinished (the sweep was interrupted first); ``early_stopped``: finished before ``train.max_steps``."""
+    unfinished (the sweep was interrupted first); ``early_stopped``: finished before ``train.max_steps``; ``objective``
+    is ``tune.metric``'s value, also for a trial ``below_clip_t_floor`` (which ASHA saw as the worst)."""
+    nan = float("nan")
+    scores = ["diffusion", *((*REPORTED, *subject_metric_names(cfg)) if uses_fidelity(cfg) else ())]
     rows = []
     for result in grid:
-        params, metrics = result.config, result.metrics or {}
+        params, metrics = trial_params(result.config, cfg), result.metrics or {}
         trial_id = str(metrics.get("trial_id", ""))  # "" for a trial that never reported (interrupted before)
         folder = Path(cfg.tune.output_dir) / TRIALS / trial_id
         end = folder / TRIAL_END
@@ -281,34 +385,46 @@ def result_rows(grid: Any, cfg: Config) -> list[dict[str, Any]]:
         rows.append({
             "trial_id": trial_id, "alpha": float(params["alpha"]), "layer_set": params["layer_set"],
             "lambda_self": float(params["lambda_self"]), "loss_extras": params["loss_extras"],
-            "objective": metrics.get(cfg.tune.metric, float("nan")), "step": step,
-            "max_steps": cfg.train.max_steps,
+            "seed": int(params["seed"]), "metric": cfg.tune.metric,
+            "objective": float(metrics.get(metric_key(cfg.tune.metric), nan)),
+            "below_clip_t_floor": below_clip_t_floor(metrics, cfg.tune.min_clip_t),
+            **{name: float(metrics.get(metric_key(name), nan)) for name in scores},
+            "eval_share": float(metrics.get("eval_share", nan)),
+            "eval_seconds": float(metrics.get("eval_seconds", nan)),
+            "step": step, "max_steps": cfg.train.max_steps,
             "early_stopped": status == "finished" and step < cfg.train.max_steps,
             "status": status,
             "val_cos_cross": metrics.get("val_cos_cross", float("nan")),
             "val_cos_self": metrics.get("val_cos_self", float("nan")),
             "output_dir": str(folder) if trial_id else "",
         })
-    rows.sort(key=lambda r: (r["layer_set"], r["loss_extras"], r["lambda_self"], r["alpha"]))
+    rows.sort(key=lambda r: (r["layer_set"], r["loss_extras"], r["lambda_self"], r["alpha"], r["seed"]))
     return rows
 
 
-def write_results(rows: list[dict[str, Any]], path: Path) -> Path:
+def write_results(rows: list[dict[str, Any]], path: Path, columns: list[str]) -> Path:
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     return path
 
 
 def best_row(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
-    """The best trial that trained to the end (an early-stopped one only if none did)."""
-    scored = [r for r in rows if r["status"] == "finished" and not math.isnan(float(r["objective"]))]
+    """The best parameter set by its mean objective over seeds, among trials that trained to the end (early-stopped
+    ones only if none did) and never below the CLIP-T floor: its first trial's row, with that mean as ``objective``
+    and the number of seeds it averages as ``seeds``."""
+    scored = [r for r in rows if r["status"] == "finished" and not math.isnan(float(r["objective"]))
+              and not r["below_clip_t_floor"]]
     scored = [r for r in scored if not r["early_stopped"]] or scored
     if not scored:
         return None
-    pick = min if mode == "min" else max
-    return pick(scored, key=lambda r: float(r["objective"]))
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in scored:
+        groups.setdefault(tuple(row[key] for key in PARAMS if key != "seed"), []).append(row)
+    means = {key: sum(float(r["objective"]) for r in group) / len(group) for key, group in groups.items()}
+    best = (min if mode == "min" else max)(means, key=means.__getitem__)
+    return {**groups[best][0], "objective": means[best], "seeds": len(groups[best])}
 
 
 def write_best_config(cfg: Config, best: dict[str, Any], path: Path) -> Path:
@@ -318,19 +434,16 @@ def write_best_config(cfg: Config, best: dict[str, Any], path: Path) -> Path:
     return best_cfg.save(path)
 
 
-def plot_objective(rows: list[dict[str, Any]], path: Path, metric: str) -> Path:
-    """Objective against alpha, one line per layer set (and per lambda_self / extras when those vary too); early-
-    stopped trials drawn hollow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+def _curve_groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Plot lines: one per layer set (and per lambda_self / extras when those vary). The deduplicated alpha = 0 trials
+    (no extras) are every line's baseline."""
     vary_lambda = len({r["lambda_self"] for r in rows}) > 1
     vary_extras = len({r["loss_extras"] for r in rows}) > 1
+    baseline = [r for r in rows if r["alpha"] == 0 and r["loss_extras"] == "none"]
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
+        if row in baseline:
+            continue
         label = row["layer_set"]
         if vary_lambda:
             label += f", λ_self={row['lambda_self']:g}"
@@ -338,22 +451,55 @@ def plot_objective(rows: list[dict[str, Any]], path: Path, metric: str) -> Path:
             label += f", {row['loss_extras']}"
         groups.setdefault(label, []).append(row)
     for label, group in groups.items():
-        group = sorted((r for r in group if not math.isnan(float(r["objective"]))), key=lambda r: r["alpha"])
-        if not group:
-            continue
-        xs, ys = [r["alpha"] for r in group], [float(r["objective"]) for r in group]
-        (line,) = axis.plot(xs, ys, "-", label=label)
-        for r, x, y in zip(group, xs, ys):
-            axis.plot(x, y, "o", color=line.get_color(), markerfacecolor="none" if r["early_stopped"] else
-                      line.get_color())
-    positive = [r["alpha"] for r in rows if r["alpha"] > 0]
-    if positive:
-        axis.set_xscale("symlog", linthresh=min(positive))  # alpha = 0 stays on the axis
-    axis.set_xlabel("alpha")
-    axis.set_ylabel(f"{metric} (held-out diffusion loss)" if metric == "objective" else metric)
-    axis.set_title("Sweep: objective vs alpha (hollow: stopped early)")
-    axis.legend(fontsize=8)
+        if group[0]["loss_extras"] == "none":
+            group.extend(baseline)
+    return groups or ({"alpha = 0": baseline} if baseline else {})
+
+
+def plot_objective(rows: list[dict[str, Any]], path: Path, metric: str) -> Path:
+    """The objective (and CLIP-T, when trials scored generations) against alpha: per line the mean over seeds with
+    error bars of one standard deviation, every trial as a dot (hollow: stopped early)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("objective", f"{metric} (held-out diffusion loss)" if metric == "diffusion" else metric)]
+    if any(not math.isnan(float(r.get("clip_t", math.nan))) for r in rows):
+        panels.append(("clip_t", "clip_t (prompt fidelity)"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), squeeze=False)
+    seeds = len({r["seed"] for r in rows})
+    for axis, (column, ylabel) in zip(axes[0], panels):
+        for label, group in _curve_groups(rows).items():
+            valid = [r for r in group if not math.isnan(float(r[column])) and math.isfinite(float(r[column]))]
+            if not valid:
+                continue
+            by_alpha: dict[float, list[float]] = {}
+            for r in valid:
+                by_alpha.setdefault(r["alpha"], []).append(float(r[column]))
+            xs = sorted(by_alpha)
+            means = [sum(by_alpha[x]) / len(by_alpha[x]) for x in xs]
+            stds = [_std(by_alpha[x]) for x in xs]
+            line = axis.errorbar(xs, means, yerr=stds, fmt="-", capsize=3, label=label).lines[0]
+            for r in valid:
+                axis.plot(r["alpha"], float(r[column]), "o", markersize=4, color=line.get_color(),
+                          markerfacecolor="none" if r["early_stopped"] else line.get_color())
+        positive = [r["alpha"] for r in rows if r["alpha"] > 0]
+        if positive:
+            axis.set_xscale("symlog", linthresh=min(positive))  # alpha = 0 stays on the axis
+        axis.set_xlabel("alpha")
+        axis.set_ylabel(ylabel)
+        axis.legend(fontsize=8)
+    axes[0][0].set_title(f"Sweep: mean ± std over {seeds} seed(s) (hollow: stopped early)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def _std(values: list[float]) -> float:
+    """Sample standard deviation (0 for a single value)."""
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))

@@ -51,7 +51,13 @@ from mpalign.training.step import (
     train_step,
     unwrap,
 )
-from mpalign.training.validation import ValidationExample, ValidationGrid, save_grid, validation_metrics
+from mpalign.training.validation import (
+    AdapterPipeline,
+    ValidationExample,
+    ValidationGrid,
+    save_grid,
+    validation_metrics,
+)
 
 logger = logging.getLogger("mpalign.train")
 
@@ -212,9 +218,25 @@ def _crash_hook() -> dict[str, Any] | None:
     return {"step": int(step), "marker": marker}
 
 
-def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False,
-                 callbacks: Sequence[Any] = ()) -> TrainingOutcome:
-    """Train with Ray Train and export the final adapter; connects to Ray (``RAY_ADDRESS``) or starts a local one."""
+def _fidelity_spec(cfg: Config, val: Any) -> dict[str, Any]:
+    """What a sweep trial's fidelity evaluation generates (mpalign.eval.fidelity): benchmark requests, or val-split
+    examples whose reference crops the worker writes out itself (the driver's disk may not be the worker's)."""
+    from mpalign.eval.fidelity import benchmark_requests
+
+    if cfg.tune.eval_benchmark:
+        return {"requests": benchmark_requests(cfg), "examples": []}
+    examples = _validation_examples(val, cfg.tune.eval_samples)
+    if not examples:
+        raise UserInputError("the dataset has no val rows for the sweep's fidelity evaluation: raise "
+                             "data.val_fraction, set tune.eval_benchmark, or set tune.metric=diffusion")
+    return {"requests": [], "examples": examples}
+
+
+def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbacks: Sequence[Any] = (),
+                 fidelity: bool = False) -> TrainingOutcome:
+    """Train with Ray Train and export the final adapter; connects to Ray (``RAY_ADDRESS``) or starts a local one.
+    ``fidelity`` (sweep trials): every validation also generates and scores the held-out set of ``tune.eval_*``
+    and the reports' ``objective`` becomes ``tune.metric`` (mpalign.eval.fidelity)."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -239,6 +261,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False,
             "val_examples": _validation_examples(datasets["val"], train_cfg.val_num_images if train_cfg.val_every
                                                  else 0),
             "crash": _crash_hook(),
+            "fidelity": _fidelity_spec(cfg, datasets["val"]) if fidelity else None,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                                resources_per_worker=resources),
@@ -335,6 +358,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from mpalign.data.collate import RowsCollateFn
     from mpalign.models.training_module import MPAlignTrainingModule
 
+    started = time.perf_counter()  # the share of the worker's time spent on fidelity evaluations is measured from here
     cfg = config_from_dict(loop_config["config"])
     train = cfg.train
     context = ray.train.get_context()
@@ -368,9 +392,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if not val_batches:
             logger.warning("the dataset has no val rows: validation is skipped")
     val_examples = [ValidationExample(**e) for e in loop_config["val_examples"]]
-    grid = ValidationGrid(cfg, val_examples, device) if rank == 0 and val_examples else None
+    pipelines = AdapterPipeline(cfg, device)
+    grid = ValidationGrid(cfg, val_examples, pipelines) if rank == 0 and val_examples else None
+    fidelity = _fidelity_evaluation(cfg, loop_config["fidelity"], pipelines, device) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
-    reporter = StepReporter(cfg, model, state, rank, world_size, device, metrics_logger, val_batches, grid)
+    reporter = StepReporter(cfg, model, state, rank, world_size, device, metrics_logger, val_batches, grid, fidelity,
+                            started)
 
     images_per_step = rows_per_step * world_size
     last_time = time.perf_counter()
@@ -408,6 +435,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     metrics_logger.close()
 
 
+def _fidelity_evaluation(cfg: Config, spec: dict[str, Any] | None, pipelines: AdapterPipeline,
+                         device: torch.device) -> Any:
+    """The trial's fidelity evaluation (rank 0), its held-out requests written under ``<output_dir>/fidelity``."""
+    if spec is None:
+        return None
+    from mpalign.eval.fidelity import FIDELITY_DIR, FidelityEvaluation, example_requests
+
+    out_dir = Path(cfg.train.output_dir) / FIDELITY_DIR
+    requests = spec["requests"] or example_requests([ValidationExample(**e) for e in spec["examples"]],
+                                                    out_dir / "references", cfg.tune.eval_seed)
+    return FidelityEvaluation(cfg, requests, out_dir, pipelines, device)
+
+
 class StepReporter:
     """What happens after each step on one worker: TensorBoard/MLflow (rank 0, every step), and on the report
     schedule of ``cfg.train``: validation (rank 0), a checkpoint, and one Ray Train report carrying the mean of every
@@ -415,10 +455,12 @@ class StepReporter:
 
     def __init__(self, cfg: Config, model: torch.nn.Module, state: TrainingState, rank: int, world_size: int,
                  device: torch.device, metrics_logger: Any, val_batches: list[dict[str, torch.Tensor]],
-                 grid: ValidationGrid | None):
+                 grid: ValidationGrid | None, fidelity: Any = None, started: float | None = None):
         self.cfg, self.model, self.state = cfg, model, state
         self.rank, self.world_size, self.device = rank, world_size, device
         self.metrics_logger, self.val_batches, self.grid = metrics_logger, val_batches, grid
+        self.fidelity, self.started = fidelity, time.perf_counter() if started is None else started
+        self.eval_seconds = 0.0
         self.resumed_from = state.step
         self.window: dict[str, list[float]] = {}
 
@@ -454,12 +496,23 @@ class StepReporter:
     def _validate(self) -> dict[str, float]:
         module, step = unwrap(self.model), self.state.step
         metrics = validation_metrics(module, self.val_batches, step, seed=self.cfg.train.seed, device=self.device)
-        self.metrics_logger.log_scalars(metrics, step)
-        if self.grid is not None:
+        if self.grid is not None or self.fidelity is not None:
             with tempfile.TemporaryDirectory(prefix="mpalign-val-") as directory, ema_weights(module, self.state.ema):
-                image = self.grid.render(module.save_adapter(directory))
-            save_grid(image, Path(self.cfg.train.output_dir) / "validation", step)
-            self.metrics_logger.log_image("val/generations", image, step)
+                adapter_dir = module.save_adapter(directory)
+                if self.grid is not None:
+                    image = self.grid.render(adapter_dir)
+                    save_grid(image, Path(self.cfg.train.output_dir) / "validation", step)
+                    self.metrics_logger.log_image("val/generations", image, step)
+                if self.fidelity is not None:
+                    metrics.update(self.fidelity(adapter_dir, step))
+        if self.fidelity is not None:
+            from mpalign.eval.fidelity import objective
+
+            self.eval_seconds += metrics["eval_seconds"]
+            metrics["eval_seconds"] = self.eval_seconds  # so far in this run, and its share of the worker's time
+            metrics["eval_share"] = self.eval_seconds / (time.perf_counter() - self.started)
+            metrics["objective"] = objective(metrics, self.cfg.tune.metric, self.cfg.tune.min_clip_t)
+        self.metrics_logger.log_scalars(metrics, step)
         return metrics
 
 
@@ -471,6 +524,8 @@ def progress_line(metrics: dict[str, Any], max_steps: int) -> str:
     parts.append(f"{metrics['img_per_s']:.1f} img/s")
     if "objective" in metrics:
         parts.append(f"| val objective {metrics['objective']:.4g} cos_cross {metrics.get('val_cos_cross', 0):.3f}")
+    if "eval_share" in metrics:
+        parts.append(f"fidelity eval {metrics['eval_share']:.0%} of the time")
     return "  ".join(parts)
 
 

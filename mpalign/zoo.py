@@ -306,6 +306,43 @@ def load_dinov2(cfg: ModelConfig, dtype=None, device=None, name: str | None = No
     return enc
 
 
+def _tiny_dino_vit(seed: int) -> EncoderWithProcessor:
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=64,
+                       patch_size=16)
+    with _seeded(seed):
+        model = ViTModel(config, add_pooling_layer=False)
+    processor = ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.485, 0.456, 0.406],
+                                  image_std=[0.229, 0.224, 0.225])
+    return EncoderWithProcessor(model, processor)
+
+
+def load_dino_scorer(cfg: ModelConfig, name: str, dtype=None, device=None) -> EncoderWithProcessor:
+    """The self-supervised ViT the DINO metrics embed with: DINO v1 (``ViTModel``, e.g. ``facebook/dino-vits16``) or
+    DINOv2 (``Dinov2Model``), chosen by the checkpoint's model type; the tiny preset builds a tiny DINO v1 ViT (not
+    the tiny DINOv2 the alignment targets come from, as with real weights)."""
+    _check_preset(cfg)
+    if cfg.preset == "tiny":
+        enc = _tiny_dino_vit(cfg.seed + 60)
+    else:
+        from transformers import AutoConfig, AutoImageProcessor, Dinov2Model, ViTModel
+
+        # the toy world has no DINO v1: its DINO scores use its DINOv2 (the alignment teacher, so they favour aligned
+        # adapters by construction); the attribute classifier's identity is its independent measure
+        name = _source(cfg, "dinov2", name)
+        model_type = _pretrained(AutoConfig, name, "DINO model").model_type
+        if model_type not in ("vit", "dinov2"):
+            raise ModelLoadError(f"eval.dino_model '{name}' is a '{model_type}' model: give a DINO v1 (ViT) or DINOv2 "
+                                 f"checkpoint, e.g. facebook/dino-vits16 or facebook/dinov2-base")
+        # the DINO v1 checkpoints carry no pooler: the metrics read the CLS token of the last hidden state
+        model = (_pretrained(ViTModel, name, "DINO model", add_pooling_layer=False) if model_type == "vit"
+                 else _pretrained(Dinov2Model, name, "DINO model"))
+        enc = EncoderWithProcessor(model, _pretrained(AutoImageProcessor, name, "DINO image processor"))
+    _place(enc.model, cfg, dtype, device).requires_grad_(False)
+    return enc
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Grounding DINO and SAM (transformers' native implementations)
 # --------------------------------------------------------------------------------------------------------------------

@@ -11,8 +11,18 @@ import torch
 from PIL import Image
 
 from mpalign.config import ModelConfig
-from mpalign.eval.metrics import METRICS, aggregate, box_pixels, cosine, crop_box, embed_images, m_dino, score_images
-from mpalign.eval.stages import ReferenceCache, score_rows
+from mpalign.eval.metrics import (
+    METRICS,
+    aggregate,
+    box_pixels,
+    cosine,
+    crop_box,
+    embed_images,
+    m_dino,
+    region_crop,
+    score_images,
+)
+from mpalign.eval.scoring import Scorers, score_rows
 from mpalign.zoo import load_clip_model, load_dinov2
 
 BOXES = [[0.0, 0.25, 0.5, 0.75], [0.5, 0.25, 1.0, 0.75]]
@@ -105,9 +115,59 @@ def test_region_scores_follow_the_boxes(scorers):
     subjects = [subject_image(7), subject_image(8)]
     refs = [embed_images(clip, dino, [s]) for s in subjects]
     generated = compose(subjects, BOXES)
-    region_dino = embed_images(clip, dino, [crop_box(generated, b) for b in BOXES])[1]
+    region_dino = embed_images(clip, dino, [region_crop(generated, b) for b in BOXES])[1]
     similarity = cosine(region_dino, torch.cat([r[1] for r in refs]))
     assert similarity[0, 0] > similarity[1, 0] and similarity[1, 1] > similarity[0, 1]
+
+
+def test_region_crops_keep_the_box_aspect(scorers):
+    """A tall box is padded to a square, not centre-cropped by the scorer's processor: the whole subject is scored."""
+    image = subject_image(9, size=64)
+    box = [0.25, 0.0, 0.5, 1.0]  # 16 x 64 pixels
+    square = region_crop(image, box)
+    assert square.size == (64, 64)
+    pixels = np.asarray(square)
+    assert (pixels[:, :24] == 0).all() and (pixels[:, 40:] == 0).all()  # black bands left and right
+    assert (pixels[:, 24:40] == np.asarray(crop_box(image, box))).all()  # the crop itself, whole and centred
+    clip, dino = scorers
+    refs = [embed_images(clip, dino, [subject_image(10)])]
+    (scores,) = score_images(clip, dino, [image], ["x"], [[box]], [refs])
+    padded = cosine(embed_images(clip, dino, [square])[1], refs[0][1]).item()
+    cropped = cosine(embed_images(clip, dino, [crop_box(image, box)])[1], refs[0][1]).item()
+    assert scores["region_dino_per_subject"][0] == pytest.approx(padded, abs=1e-5)
+    assert padded != pytest.approx(cropped, abs=1e-4)
+
+
+def test_registered_subject_metrics_become_columns(scorers, tmp_path, monkeypatch):
+    """A benchmark's own per-subject score (the toy world's identity plugs in this way): called per subject with the
+    generated image, the subject's box and the request row; its mean over subjects is a column and is aggregated."""
+    from mpalign.config import ConfigError
+    from mpalign.eval import metrics
+
+    calls = []
+
+    def box_brightness(image, box, row, subject):
+        calls.append((row["sample_id"], subject))
+        return float(np.asarray(crop_box(image, box)).mean()) / 255
+
+    monkeypatch.setitem(metrics.SUBJECT_METRICS, "box_brightness", box_brightness)
+    clip, dino = scorers
+    generated = tmp_path / "gen.png"
+    compose([subject_image(0), None], BOXES).save(generated)
+    reference = tmp_path / "ref.png"
+    subject_image(0).save(reference)
+    row = {"sample_id": "s", "prompt": "x", "boxes": BOXES, "references": [[str(reference)], [str(reference)]],
+           "image_path": str(generated), "seed": 0}
+    scorers = Scorers(clip, dino, metrics.subject_metrics(["box_brightness"]))
+    (scored,) = score_rows([row], scorers)
+    assert calls == [("s", 0), ("s", 1)]
+    per_subject = scored["box_brightness_per_subject"]
+    assert per_subject[1] == pytest.approx(128 / 255)  # the empty box is the grey canvas
+    assert scored["box_brightness"] == pytest.approx(sum(per_subject) / 2)
+    table = aggregate(pd.DataFrame([dict(scored, adapter="a")]), ["adapter"])
+    assert table.loc[0, "box_brightness"] == pytest.approx(scored["box_brightness"])
+    with pytest.raises(ConfigError, match="no per-subject metric 'identity'"):
+        metrics.subject_metrics(["identity"])
 
 
 def test_box_pixels_stay_inside_and_nonempty():
@@ -125,11 +185,11 @@ def test_reference_cache_embeds_each_path_once(scorers, tmp_path):
         subject_image(i).save(paths[-1])
     generated = tmp_path / "gen.png"
     compose([subject_image(0), subject_image(1)], BOXES).save(generated)
-    cache = ReferenceCache(clip, dino)
+    scorers = Scorers(clip, dino)
     row = {"sample_id": "s", "prompt": "x", "boxes": BOXES, "references": [[paths[0]], [paths[1], paths[0]]],
            "image_path": str(generated), "seed": 0}
-    scored = score_rows([row, dict(row, seed=1)], clip, dino, cache)
-    assert sorted(cache.embeds) == sorted(paths)
+    scored = score_rows([row, dict(row, seed=1)], scorers)
+    assert sorted(scorers.references.embeds) == sorted(paths)
     assert "references" not in scored[0] and "boxes" not in scored[0] and scored[1]["seed"] == 1
     assert scored[0]["m_dino"] == pytest.approx(scored[1]["m_dino"])
     assert set(METRICS) <= set(scored[0])

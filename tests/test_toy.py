@@ -9,7 +9,7 @@ from PIL import Image
 from mpalign.config import ModelConfig
 from mpalign.sample_data import COLORS, SHAPES, TEXTURES, SampleObject, is_held_out, render
 from mpalign.toy import classifier as attribute_classifier
-from mpalign.toy.benchmark import IdentityScorer, subject_labels, toy_samples
+from mpalign.toy.benchmark import identity_scores, subject_labels, toy_samples
 from mpalign.toy.world import crop_set
 from mpalign.zoo import toy_weights
 
@@ -63,23 +63,29 @@ def _ground_truth_image(sample, rng: np.random.Generator) -> Image.Image:
     return render(objects, "on sand", 64, rng)
 
 
+def _scores(images, samples) -> list[dict[str, float]]:
+    """Per subject, through the evaluation's own per-subject metric path."""
+    from mpalign.eval.metrics import subject_metrics
+
+    metrics = subject_metrics(["identity", "identity_color", "identity_shape", "placement"])
+    return [{name: metric(image, box, sample.to_row(), s) for name, metric in metrics.items()}
+            for image, sample in zip(images, samples) for s, box in enumerate(sample.boxes)]
+
+
 def test_identity_scores_read_rendered_subjects_back_and_find_nothing_in_empty_boxes(tmp_path):
     samples = toy_samples(tmp_path, count=12)
-    scorer = IdentityScorer(TOY)
     rng = np.random.default_rng(0)
-    truth = scorer.score([_ground_truth_image(s, rng) for s in samples], [s.boxes for s in samples],
-                         [s.subjects for s in samples])
+    truth = _scores([_ground_truth_image(s, rng) for s in samples], samples)
     assert np.mean([t["identity"] for t in truth]) >= 0.9, truth
     assert np.mean([t["placement"] for t in truth]) == 1.0
-    empty = scorer.score([render([], "on grass", 64, rng) for _ in samples], [s.boxes for s in samples],
-                         [s.subjects for s in samples])
+    empty = _scores([render([], "on grass", 64, rng) for _ in samples], samples)
     assert np.mean([e["placement"] for e in empty]) <= 0.1, empty
     # a wrong colour in the right box: shape right, colour wrong
     sample = samples[0]
     shape, color = SHAPES[subject_labels(sample.subjects[0])[0]], sample.subjects[0].split("-")[1]
     other = next(c for c in COLORS if c != color)
     image = render([SampleObject(shape, other, TEXTURES[0], tuple(sample.boxes[0]))], "on sand", 64, rng)
-    wrong = scorer.score([image], [sample.boxes[:1]], [sample.subjects[:1]])[0]
+    wrong = identity_scores(image, sample.boxes[0], sample.subjects[0])
     assert wrong["identity_color"] == 0.0 and wrong["identity_shape"] == 1.0
 
 
@@ -108,14 +114,13 @@ def test_pretraining_command_writes_loadable_weights_and_lowers_every_loss(tmp_p
 
 def _toy_identity(cfg, adapter_dir, samples, image_dir) -> float:
     from mpalign.eval.benchmarks import expand_runs
-    from mpalign.eval.stages import generate_rows, load_rgb
+    from mpalign.eval.scoring import generate_rows, load_rgb
     from mpalign.pipeline import MPAlignPipeline
 
     pipe = MPAlignPipeline.from_config(cfg, adapter_dir=adapter_dir)
     rows = generate_rows(pipe, expand_runs(samples, [0]), cfg, "adapter", image_dir)
-    scores = IdentityScorer(cfg.model).score([load_rgb(r["image_path"]) for r in rows], [r["boxes"] for r in rows],
-                                             [r["subjects"] for r in rows])
-    return float(np.mean([s["identity_color"] for s in scores]))
+    return float(np.mean([identity_scores(load_rgb(r["image_path"]), box, name)["identity_color"]
+                          for r in rows for box, name in zip(r["boxes"], r["subjects"])]))
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""Sweeps on Ray Tune over the tiny preset: one row per trial, early stopping marked, a best config that trains as
-is, and a restored sweep that does not rerun finished trials."""
+"""Sweeps on Ray Tune over the tiny preset: one row per trial with the fidelity objective, the diffusion loss and the
+evaluation's cost share, early stopping on the fidelity objective marked, a best config that trains as is, and a
+restored sweep that does not rerun finished trials."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from mpalign.sweep import BEST_YAML, PLOT_PNG, run_sweep
 pytestmark = pytest.mark.slow
 
 MAX_STEPS = 4
-# Grid order is list order. In this order the second trial scores worse than the first at the first validation on
-# the tiny preset (computation on CPU is deterministic), so ASHA (grace 1, reduction 2) has a trial to stop.
+# Grid order is list order. In this order a later trial scores a worse DINO than an earlier one at the first
+# validation on the tiny preset (computation on CPU is deterministic), so ASHA (grace 1, reduction 2) has a trial to
+# stop.
 ALPHAS = [1.0, 0.01]
 LAYER_SETS = ["down+mid", "down+mid+up"]
 
@@ -29,7 +31,8 @@ def sweep(tmp_path_factory, ray_local):
     cfg = train_config(dataset, out / "unused", f"train.max_steps={MAX_STEPS}", "train.val_every=1",
                        "train.val_batches=1", f"tune.output_dir={out}", f"tune.alphas={ALPHAS}",
                        f"tune.layer_sets=[{','.join(LAYER_SETS)}]", "tune.scheduler=asha", "tune.grace_period=1",
-                       "tune.reduction_factor=2", "tune.max_concurrent_trials=1")
+                       "tune.reduction_factor=2", "tune.max_concurrent_trials=1", "tune.metric=dino",
+                       "tune.eval_samples=2", "tune.eval_steps=2")
     return cfg, run_sweep(cfg)
 
 
@@ -44,8 +47,12 @@ def test_a_row_per_trial_with_alpha_layer_set_and_objective(sweep):
     assert len(rows) == len(ALPHAS) * len(LAYER_SETS)
     assert {(float(r["alpha"]), r["layer_set"]) for r in rows} == {(a, s) for a in ALPHAS for s in LAYER_SETS}
     for row in rows:
-        assert row["status"] == "finished"
-        assert math.isfinite(float(row["objective"])) and float(row["objective"]) > 0
+        assert row["status"] == "finished" and row["metric"] == "dino"
+        assert row["objective"] == row["dino"] and -1 <= float(row["objective"]) <= 1
+        assert math.isfinite(float(row["diffusion"])) and float(row["diffusion"]) > 0
+        assert all(-1 <= float(row[name]) <= 1 for name in ("m_dino", "clip_i", "clip_t"))
+        assert 0 < float(row["eval_share"]) < 1 and float(row["eval_seconds"]) > 0
+        assert row["below_clip_t_floor"] == "False"
         assert 1 <= int(row["step"]) <= MAX_STEPS
     assert outcome.plot_png.name == PLOT_PNG and outcome.plot_png.stat().st_size > 1000
     assert len(trial_dirs(Path(cfg.tune.output_dir))) == len(rows)
@@ -65,7 +72,7 @@ def test_best_config_trains_with_mpalign_train_as_is(sweep):
     _, outcome = sweep
     best = outcome.best
     assert not best["early_stopped"]
-    assert best["objective"] == min(r["objective"] for r in outcome.rows if not r["early_stopped"])
+    assert best["objective"] == max(r["objective"] for r in outcome.rows if not r["early_stopped"])  # DINO: higher
     best_cfg = load_config(outcome.best_yaml)
     assert outcome.best_yaml.name == BEST_YAML
     assert best_cfg.train.alpha == best["alpha"]

@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from mpalign.eval.benchmarks import BenchmarkSample
-from mpalign.eval.metrics import METRIC_NAMES, aggregate, scored_metrics
+from mpalign.eval.metrics import METRIC_NAMES, aggregate, metric_columns
 from mpalign.pipeline import draw_boxes
 
 THUMB = 128
@@ -43,7 +43,7 @@ def write_scores(scores: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
         aggregate(scores, ["adapter", "sample_id"]).rename(columns={"sample_id": "key"}).assign(level="sample"),
     ]
     summary = pd.concat(summary_frames, ignore_index=True).melt(
-        id_vars=["adapter", "level", "key", "images"], value_vars=scored_metrics(scores), var_name="metric")
+        id_vars=["adapter", "level", "key", "images"], value_vars=metric_columns(scores), var_name="metric")
     summary[["adapter", "level", "key", "metric", "value", "images"]].to_csv(paths["summary"], index=False)
     return paths
 
@@ -52,10 +52,10 @@ def metric_table(scores: pd.DataFrame, adapters: Sequence[str], by: str | None) 
     """Rows = metrics (overall, ``by=None``) or the values of ``by``, one column per adapter (means)."""
     if by is None:
         means = aggregate(scores, ["adapter"]).set_index("adapter")
-        table = means[scored_metrics(scores) + ["images"]].astype(object).T  # object: the image count stays an integer
+        table = means[metric_columns(scores) + ["images"]].astype(object).T  # object: the image count stays an integer
     else:
         table = {metric: aggregate(scores, ["adapter", by]).pivot(index=by, columns="adapter", values=metric)
-                 for metric in scored_metrics(scores)}
+                 for metric in metric_columns(scores)}
         table = pd.concat(table, names=["metric"])
     return table.reindex(columns=list(adapters))
 

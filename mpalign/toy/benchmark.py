@@ -22,13 +22,13 @@ from PIL import Image
 
 from mpalign.config import ModelConfig
 from mpalign.eval.benchmarks import BenchmarkSample
-from mpalign.eval.metrics import IDENTITY_METRICS
 from mpalign.sample_data import BACKGROUNDS, COLORS, SHAPES, TEXTURES, SampleObject, _place_boxes, caption_for, is_held_out, render
 from mpalign.toy import classifier as attribute_classifier
 from mpalign.toy.world import ATTRIBUTES, subject_crop
 
 BENCHMARK_SEED = 1234
 IMAGE_SIZE = 64
+IDENTITY_METRICS = ("identity", "identity_color", "identity_shape", "identity_texture", "placement")
 
 
 def subject_name(obj: SampleObject) -> str:
@@ -74,32 +74,47 @@ def toy_samples(folder: Path, count: int = 64, seed: int = BENCHMARK_SEED) -> li
     return samples
 
 
-class IdentityScorer:
-    """The attribute classifier of the toy preset (``model.toy_weights``), loaded once."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        from mpalign.zoo import toy_weights
-
-        self.model = attribute_classifier.load_classifier(toy_weights(cfg, "classifier"))
-
-    def score(self, images: Sequence[Image.Image], boxes: Sequence[Sequence[Sequence[float]]],
-              subjects: Sequence[Sequence[str]]) -> list[dict[str, float]]:
-        """Per image, the means over its subjects of the ``IDENTITY_METRICS``."""
-        crops, labels, owner = [], [], []
-        for i, (image, image_boxes, names) in enumerate(zip(images, boxes, subjects)):
-            pixels = np.asarray(image.convert("RGB"))
-            for box, name in zip(image_boxes, names):
-                crops.append(subject_crop(pixels, box, IMAGE_SIZE))
-                labels.append(subject_labels(name))
-                owner.append(i)
-        predicted = attribute_classifier.predict(self.model, np.stack(crops)) if crops else np.zeros((0, 4), int)
-        hits = predicted[:, :3] == np.asarray(labels).reshape(-1, 3)
-        per_subject = np.column_stack([hits.all(1), hits[:, 1], hits[:, 0], hits[:, 2], predicted[:, 3] == 1])
-        owner_arr = np.asarray(owner)
-        return [dict(zip(IDENTITY_METRICS, per_subject[owner_arr == i].mean(0).astype(float).tolist()))
-                for i in range(len(images))]
+_CLASSIFIERS: dict[str, object] = {}
+_SCORED: dict[tuple, dict[str, float]] = {}
 
 
+def _classifier(weights: str | None = None):
+    """The attribute classifier of the toy weights (the shipped ones by default), loaded once per process."""
+    from mpalign.zoo import toy_weights
+
+    path = toy_weights(ModelConfig(preset="toy", toy_weights=weights or ""), "classifier")
+    if path not in _CLASSIFIERS:
+        _CLASSIFIERS[path] = attribute_classifier.load_classifier(path)
+    return _CLASSIFIERS[path]
+
+
+def identity_scores(image: Image.Image, box: Sequence[float], subject: str,
+                    weights: str | None = None) -> dict[str, float]:
+    """The ``IDENTITY_METRICS`` (each 0 or 1) of one subject of a generated image: the classifier reads the crop of
+    its box and compares with the attributes in the subject's name."""
+    pixels = image.convert("RGB")
+    key = (hash(pixels.tobytes()), tuple(box), subject, weights)
+    if key not in _SCORED:  # the five metrics of a subject share one classification
+        if len(_SCORED) > 256:
+            _SCORED.clear()
+        crop = subject_crop(np.asarray(pixels), box, IMAGE_SIZE)
+        predicted = attribute_classifier.predict(_classifier(weights), crop[None])[0]
+        hits = predicted[:3] == np.asarray(subject_labels(subject))
+        _SCORED[key] = dict(zip(IDENTITY_METRICS, map(float, (hits.all(), hits[1], hits[0], hits[2],
+                                                               predicted[3] == 1))))
+    return _SCORED[key]
+
+
+def _register() -> None:
+    """Per-subject metrics for ``eval.subject_metrics`` / ``tune.metric`` (``mpalign.eval.metrics``)."""
+    from mpalign.eval.metrics import register_subject_metric
+
+    for name in IDENTITY_METRICS:
+        register_subject_metric(name, lambda image, box, row, s, name=name: identity_scores(image, box,
+                                                                                              row["subjects"][s])[name])
+
+
+_register()
 
 
 def write_references(folder: Path, seed: int = BENCHMARK_SEED) -> list[Path]:

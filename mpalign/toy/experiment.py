@@ -27,7 +27,8 @@ import pandas as pd
 
 from mpalign.cli import UserInputError, run_cli
 from mpalign.config import Config, add_config_args, config_from_args
-from mpalign.eval.metrics import IDENTITY_METRICS, METRIC_NAMES, METRICS
+from mpalign.eval.metrics import METRIC_NAMES, METRICS
+from mpalign.toy.benchmark import IDENTITY_METRICS
 
 log = logging.getLogger("mpalign.toy.experiment")
 

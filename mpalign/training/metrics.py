@@ -21,9 +21,12 @@ class MetricsLogger(Protocol):
 
 
 def scalar_tag(key: str) -> str:
-    """``val_diffusion`` -> ``val/diffusion``, ``objective`` -> ``val/objective``, ``loss`` -> ``train/loss``."""
+    """``val_diffusion`` -> ``val/diffusion``, ``objective`` -> ``val/objective``, ``loss`` -> ``train/loss``, and a
+    sweep trial's fidelity evaluation: ``eval_dino`` -> ``fidelity/dino``."""
     if key.startswith("val_"):
         return "val/" + key[len("val_"):]
+    if key.startswith("eval_"):
+        return "fidelity/" + key[len("eval_"):]
     return "val/objective" if key == "objective" else f"train/{key}"
 
 

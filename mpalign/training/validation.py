@@ -61,34 +61,48 @@ class ValidationExample:
         return [Image.open(io.BytesIO(crop)).convert("RGB") for crop in self.crops]
 
 
-class ValidationGrid:
-    """Generations for a few held-out examples with the adapter as it is now: one row per example, its reference
-    crops then the generation with the target boxes drawn. The pipeline (its own copy of the frozen models: attaching
-    the training adapter to the training UNet would change the training graph) is built on first use; later calls
-    load the new adapter weights into it."""
+class AdapterPipeline:
+    """The generation pipeline of one training worker, shared by the validation grid and a sweep trial's fidelity
+    evaluation: its own copy of the frozen models (attaching the training adapter to the training UNet would change
+    the training graph), built on first use; later calls load the new adapter weights into it."""
 
-    def __init__(self, cfg: Config, examples: list[ValidationExample], device: torch.device):
-        self.cfg = cfg
-        self.examples = examples
-        self.device = device
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg, self.device = cfg, device
         self.pipeline: Any = None
 
-    def render(self, adapter_dir: str | Path) -> Image.Image:
-        """Generate with the adapter saved in ``adapter_dir`` (``save_adapter`` layout)."""
+    def with_adapter(self, adapter_dir: str | Path) -> Any:
+        """The ``MPAlignPipeline`` with the adapter saved in ``adapter_dir`` (``save_adapter`` layout)."""
         from mpalign.models.training_module import load_adapter_parts
-        from mpalign.pipeline import MPAlignPipeline, draw_boxes
+        from mpalign.pipeline import MPAlignPipeline
 
         if self.pipeline is None:
             self.pipeline = MPAlignPipeline.from_config(self.cfg, adapter_dir=adapter_dir, device=self.device)
         else:
             self.pipeline.adapter.load_state_dict(load_adapter_parts(adapter_dir)[0].state_dict())
+        return self.pipeline
+
+
+class ValidationGrid:
+    """Generations for a few held-out examples with the adapter as it is now: one row per example, its reference
+    crops then the generation with the target boxes drawn."""
+
+    def __init__(self, cfg: Config, examples: list[ValidationExample], pipelines: AdapterPipeline):
+        self.cfg = cfg
+        self.examples = examples
+        self.pipelines = pipelines
+
+    def render(self, adapter_dir: str | Path) -> Image.Image:
+        """Generate with the adapter saved in ``adapter_dir`` (``save_adapter`` layout)."""
+        from mpalign.pipeline import draw_boxes
+
+        pipeline = self.pipelines.with_adapter(adapter_dir)
         size = self.cfg.data.image_size
         rows = []
         for index, example in enumerate(self.examples):
-            image = self.pipeline.generate(example.caption, example.subject_images(), example.boxes, example.phrases,
-                                           seed=self.cfg.train.seed + index,
-                                           num_inference_steps=self.cfg.eval.num_inference_steps,
-                                           guidance_scale=self.cfg.eval.guidance_scale, height=size, width=size)[0]
+            image = pipeline.generate(example.caption, example.subject_images(), example.boxes, example.phrases,
+                                      seed=self.cfg.train.seed + index,
+                                      num_inference_steps=self.cfg.eval.num_inference_steps,
+                                      guidance_scale=self.cfg.eval.guidance_scale, height=size, width=size)[0]
             crops = [crop.resize((size, size)) for crop in example.subject_images()]
             rows.append([*crops, draw_boxes(image, example.boxes, example.phrases)])
         columns = max(len(r) for r in rows)
