@@ -81,7 +81,7 @@ def _check_preset(cfg: ModelConfig) -> None:
 
 
 def toy_weights(cfg: ModelConfig, role: str) -> str:
-    """The folder of one role of the toy preset (``sdxl``, ``clip``, ``dinov2``, ``classifier``)."""
+    """The folder of one role of the toy preset (``sdxl``, ``image_encoder``, ``clip``, ``dinov2``, ``classifier``)."""
     path = (Path(cfg.toy_weights) if cfg.toy_weights else TOY_WEIGHTS_DIR) / role
     if not (path / "config.json").is_file() and not (path / "model_index.json").is_file():
         raise ModelLoadError(f"the toy preset's '{role}' weights are not at '{path}'. Train them with "
@@ -264,8 +264,7 @@ def load_image_encoder(cfg: ModelConfig, dtype=None, device=None) -> EncoderWith
     else:
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-        # the toy preset's image encoder is the vision tower of its full CLIP (the class loads it from that folder)
-        name = _source(cfg, "clip", cfg.image_encoder)
+        name = _source(cfg, "image_encoder", cfg.image_encoder)
         sub = {"subfolder": cfg.image_encoder_subfolder} if cfg.image_encoder_subfolder and cfg.preset != "toy" else {}
         model = _pretrained(CLIPVisionModelWithProjection, name, "CLIP image encoder", **sub)
         # Image-encoder folders (IP-Adapter's among them) often ship no preprocessor file; CLIP's defaults are right.

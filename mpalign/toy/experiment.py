@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mpalign.toy.experiment", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/toy/experiment", help="output folder")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (training and adapter init)")
-    parser.set_defaults(config="configs/toy.yaml")
-    return add_config_args(parser)
+    add_config_args(parser)
+    parser.set_defaults(config="configs/toy.yaml")  # after add_config_args: its own default would win otherwise
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

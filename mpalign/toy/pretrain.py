@@ -9,8 +9,8 @@ Every role of the real pipeline gets a small model of the same class, trained he
   ring") or by its kind only ("a ring"); the two CLIP text encoders and tokenizers stay the tiny preset's random,
   frozen ones (the UNet learns to read them).
 - ``clip/``: a ``CLIPModel`` trained contrastively on subject crops and scenes with their captions, plus an
-  attribute head on crops: its vision tower is the adapter's image encoder (``CLIPVisionModelWithProjection`` loads
-  from the same folder), the whole model the evaluation's CLIP-I / CLIP-T space.
+  attribute head on crops: the evaluation's CLIP-I / CLIP-T space; ``image_encoder/`` is its vision tower with the
+  projection (``CLIPVisionModelWithProjection``), the adapter's image encoder.
 - ``dinov2/``: a ``Dinov2Model`` trained on crops with attribute heads on its CLS and mean patch token (supervised,
   not DINO's self-distillation), so its features separate identities: the alignment targets.
 - ``classifier/``: the attribute classifier (``mpalign.toy.classifier``), the identity metric.
@@ -277,6 +277,17 @@ def train_clip(crops: np.ndarray, labels: np.ndarray, phrases: list[str], scenes
     return model.eval(), processor, _loop("clip", steps, step)
 
 
+def vision_tower(clip):
+    """The CLIP model's vision tower with its projection, as the image encoder role loads it (its own folder, so
+    loading it does not report the text tower's weights as unexpected)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    tower = CLIPVisionModelWithProjection(clip.config.vision_config)
+    tower.vision_model.load_state_dict(clip.vision_model.state_dict())
+    tower.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    return tower.eval()
+
+
 def build_dinov2():
     from mpalign.zoo import _tiny_dinov2
 
@@ -426,6 +437,7 @@ def pretrain(out: Path, parts: tuple[str, ...], scale: float, seed: int) -> dict
                 feats(gallery), gallery_labels, feats(queries), query_labels)
         metrics["clip"]["cpu_minutes"] = round((time.perf_counter() - t) / 60, 1)
         _save(clip, processor, out / "clip")
+        _save(vision_tower(clip), processor.image_processor, out / "image_encoder")
         log(f"clip: nearest-neighbour attribute accuracy {metrics['clip']['nn_attribute_accuracy']}")
     if "dinov2" in parts:
         t = time.perf_counter()
