@@ -31,6 +31,7 @@ import torch
 
 from mpalign.cli import UserInputError, run_cli
 from mpalign.config import REPO_ROOT, Config, ConfigError, add_config_args, config_from_args, config_from_dict
+from mpalign.storage import check_storage, is_remote, remove_tree
 from mpalign.training.checkpoint import (
     ADAPTER_DIR,
     EMA_ADAPTER_DIR,
@@ -114,7 +115,9 @@ def check_config(cfg: Config) -> None:
         except ImportError:
             raise ConfigError("train.strategy=deepspeed needs DeepSpeed: pip install 'mpalign[deepspeed]'") from None
     samples = dataset_samples_uri(cfg)
-    if "://" not in samples and not Path(samples).is_dir():
+    if is_remote(samples):  # unreachable storage or missing credentials: one line now, not a hang inside Ray
+        check_storage(samples, "the dataset's samples folder", must_exist=True)
+    elif not Path(samples).is_dir():
         raise UserInputError(f"no built dataset at '{cfg.data.path}' (no '{Path(samples).name}' folder); build one with "
                              f"`python pipelines/build_dataset.py --output {cfg.data.path}` or set data.path")
 
@@ -124,14 +127,14 @@ def _prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
     if overwrite:
         for name in OUTPUT_SUBDIRS:
             shutil.rmtree(Path(cfg.train.output_dir) / name, ignore_errors=True)
-    if "://" in storage:
-        return  # remote storage: Ray Train resumes if the run exists; nothing to check locally
-    run_dir = Path(storage) / RUN_NAME
-    if not run_dir.exists():
+    run_dir = f"{storage.rstrip('/')}/{RUN_NAME}"
+    if not check_storage(run_dir, "train.storage_path"):  # remote: also fails fast when unreachable
         if resume:
             logger.info("nothing to resume in %s: starting a new run", run_dir)
         return
-    if overwrite:
+    if overwrite and is_remote(run_dir):
+        remove_tree(run_dir)
+    elif overwrite:
         shutil.rmtree(run_dir)
     elif not resume:
         raise UserInputError(f"'{run_dir}' already holds a training run: pass --resume to continue it, --overwrite "
