@@ -96,7 +96,7 @@ class Watcher:
 
     def __init__(self, when: Callable[[], bool] = lambda: False, then: Callable[[], None] = lambda: None):
         self.when, self.then = when, then
-        self.placements: dict[str, list[str]] = {}
+        self.placements: list[tuple[str, list[str]]] = []  # (placement group, its bundles' nodes), each seen once
         self.fired = False
 
     def run(self, target: Callable[[], object]) -> object:
@@ -111,7 +111,9 @@ class Watcher:
         thread = threading.Thread(target=call, daemon=True)
         thread.start()
         while thread.is_alive():
-            self.placements.update(worker_placements(ONE_PER_NODE_CPUS))
+            for seen in worker_placements(ONE_PER_NODE_CPUS).items():
+                if seen not in self.placements:  # a group re-placed after a loss counts again
+                    self.placements.append(seen)
             if not self.fired and self.when():
                 self.fired = True
                 self.then()
@@ -207,8 +209,8 @@ def test_b_ddp_over_two_nodes_restarts_from_the_last_checkpoint_when_a_node_is_l
         return any(checkpoint_step(c) >= CHECKPOINT_EVERY for c in (out / "run").glob("checkpoint_*"))
 
     def lose_a_worker_node() -> None:
-        (workers,) = watcher.placements.values()
-        lost["placement"] = list(workers)
+        (_, workers), = watcher.placements
+        lost["placement"] = workers
         lost["steps_done"] = max(tensorboard_scalars(out / "tensorboard", "train/loss"), default=0)
         fresh_nodes.remove(workers[1])
         time.sleep(3)  # the group fails and waits for room ...
@@ -219,8 +221,8 @@ def test_b_ddp_over_two_nodes_restarts_from_the_last_checkpoint_when_a_node_is_l
 
     first = lost["placement"]
     assert len(set(first)) == 2 and fresh_nodes.cluster.head_node.node_id not in first  # 2 workers, 2 worker nodes
-    assert len(watcher.placements) == 2  # the group was placed a second time, after the loss
-    second = next(nodes for pg, nodes in watcher.placements.items() if nodes != first)
+    assert len(watcher.placements) == 2, watcher.placements  # the group was placed a second time, after the loss
+    _, second = watcher.placements[1]
     assert len(set(second)) == 2 and first[1] not in second
     assert outcome.metrics["step"] == MAX_STEPS
     resumed = outcome.metrics["resumed_from_step"]
@@ -250,7 +252,7 @@ def test_c_sweep_trials_on_different_nodes_fill_results_csv(fresh_nodes, dataset
     watcher = Watcher()
     outcome = watcher.run(lambda: run_sweep(cfg))
 
-    trial_nodes = {nodes[0] for nodes in watcher.placements.values()}
+    trial_nodes = {nodes[0] for _, nodes in watcher.placements}
     assert len(watcher.placements) == len(alphas) and len(trial_nodes) == len(alphas), watcher.placements
     with outcome.results_csv.open() as handle:
         rows = list(csv.DictReader(handle))
