@@ -31,6 +31,7 @@ import torch
 
 from mpalign.cli import UserInputError, check_writable, run_cli
 from mpalign.config import Config, ConfigError, add_config_args, config_from_args, config_from_dict, shipped_config
+from mpalign.storage import check_storage, is_remote, remove_tree
 from mpalign.training.checkpoint import (
     ADAPTER_DIR,
     EMA_ADAPTER_DIR,
@@ -119,7 +120,9 @@ def check_config(cfg: Config) -> None:
         except ImportError:
             raise ConfigError("train.strategy=deepspeed needs DeepSpeed: pip install 'mpalign[deepspeed]'") from None
     samples = dataset_samples_uri(cfg)
-    if "://" not in samples and not Path(samples).is_dir():
+    if is_remote(samples):  # unreachable storage or missing credentials: one line now, not a hang inside Ray
+        check_storage(samples, "the dataset's samples folder", must_exist=True)
+    elif not Path(samples).is_dir():
         raise UserInputError(f"no built dataset at '{cfg.data.path}' (no '{Path(samples).name}' folder); build one with "
                              f"`python pipelines/build_dataset.py --output {cfg.data.path}` or set data.path")
     if "://" not in samples:  # a dataset of only rejects would otherwise fail inside the workers a minute later
@@ -158,19 +161,21 @@ def _prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
     if overwrite:
         for name in OUTPUT_SUBDIRS:
             shutil.rmtree(Path(cfg.train.output_dir) / name, ignore_errors=True)
-    if "://" in storage:
-        return  # remote storage: Ray Train resumes if the run exists; nothing to check locally
-    run_dir = Path(storage) / RUN_NAME
-    if run_dir.is_dir() and not any(run_dir.glob("checkpoint_*")):  # a run that failed before its first checkpoint
-        logger.info("%s holds no checkpoint: replacing it", run_dir)
+    run_dir = f"{storage.rstrip('/')}/{RUN_NAME}"
+    exists = check_storage(run_dir, "train.storage_path")  # remote: also fails fast when unreachable
+    if exists and not is_remote(run_dir) and not any(Path(run_dir).glob("checkpoint_*")):
+        logger.info("%s holds no checkpoint (a run that failed before its first one): replacing it", run_dir)
         shutil.rmtree(run_dir)
-    if not run_dir.exists():
+        exists = False
+    if not exists:
         if resume:
             logger.info("nothing to resume in %s: starting a new run", run_dir)
         return
     if resume:
         _check_resume_sizes(cfg, Path(cfg.train.output_dir) / "config.yaml")
-    if overwrite:
+    if overwrite and is_remote(run_dir):
+        remove_tree(run_dir)
+    elif overwrite:
         shutil.rmtree(run_dir)
     elif not resume:
         raise UserInputError(f"'{run_dir}' already holds a training run: pass --resume to continue it, --overwrite "

@@ -33,13 +33,20 @@ def shared_data() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session: starting Ray costs seconds, and tests that need it are many."""
+def start_local_ray():
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, object_store_memory=1 << 30, include_dashboard=False,
                  log_to_driver=False)
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session: starting Ray costs seconds, and tests that need it are many. (The
+    multi-node tests swap it for their cluster and start it again afterwards.)"""
+    yield start_local_ray()
+    import ray
+
     ray.shutdown()

@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,16 @@ def finish_shard(out: Path, index: int, rows: list[dict[str, Any]], cfg: Config)
     samples, rejects, pair_counts = assemble_shard(rows, cfg.data)
     n_samples, n_rejects = write_shard(out, index, samples, rejects, cfg)
     return {"shard": index, "samples": n_samples, "rejects": n_rejects, "frame_pairs": dict(pair_counts),
+            "writer": _this_node(),
             "rows": [{k: row[k] for k in ("reject_stage", *(f"t_{n}" for n in STAGE_NAMES))} for row in rows]}
+
+
+def _this_node() -> str:
+    """The Ray node id of the process that wrote a shard (stats.json counts shards per writer node), or the host name
+    outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else os.uname().nodename
 
 
 class ShardBuilder:
@@ -210,13 +219,21 @@ def _ray_shards(cfg: Config, shards: dict[int, list[dict[str, Any]]], out: Path,
         for names, pool in pools:
             ds = ds.map_batches(StageChain, fn_constructor_args=(cfg, names), batch_format="pyarrow",
                                 batch_size=pool.batch_size, **_ray_options(pool))
-        pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
-                pending[row["shard"]].append(row)
-                if len(pending[row["shard"]]) == len(shards[row["shard"]]):
-                    yield finish_shard(out, row["shard"], pending.pop(row["shard"]), cfg)
+        yield from finish_shards_from_batches(ds.iter_batches(batch_format="pyarrow", batch_size=None),
+                                              {i: len(rs) for i, rs in shards.items()}, out, cfg)
     report["ray_data_stats"] = ds.stats()
+
+
+def finish_shards_from_batches(batches: Iterable[pa.Table], shard_sizes: dict[int, int], out: Path, cfg: Config
+                               ) -> Iterator[dict[str, Any]]:
+    """The per-stage layout's writer, on the driver: work rows in any order → each shard finished (assembled and
+    written) as soon as all its rows are in. ``benchmarks/bench_writer.py`` times it with full-size rows."""
+    pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for batch in batches:
+        for row in batch.to_pylist():
+            pending[row["shard"]].append(row)
+            if len(pending[row["shard"]]) == shard_sizes[row["shard"]]:
+                yield finish_shard(out, row["shard"], pending.pop(row["shard"]), cfg)
 
 
 def _local_shards(cfg: Config, shards: dict[int, list[dict[str, Any]]], out: Path, report: dict[str, Any]
@@ -345,6 +362,7 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
     rows_seen: list[dict[str, Any]] = []
     arrivals: list[tuple[float, int]] = []  # (seconds since start, records) of each finished shard
     pair_counts: Counter[str] = Counter()
+    writers: Counter[str] = Counter()  # shards written per node
     report: dict[str, Any] = {}
     if todo:
         work = {i: [{**r, "shard": i} for r in shards[i]] for i in todo}
@@ -359,6 +377,7 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
                                   f"system every node shares; or set data.stage_layout=per_stage")
             rows_seen += rows
             pair_counts.update(summary["frame_pairs"])
+            writers[summary["writer"]] += 1
             rate = len(rows_seen) / (time.perf_counter() - start)
             log(f"[build] shard {index} written ({written}/{len(todo)}): {summary['samples']} samples, "
                 f"{summary['rejects']} rejects, {rate:.2f} records/s")
@@ -379,6 +398,7 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
                      "first_output_s": round(arrivals[0][0], 3) if arrivals else None,
                      "steady_records_per_s": _steady_rate(arrivals),
                      "actor_pools": report.get("actor_pools"),
+                     "shards_by_writer_node": dict(writers),
                      "stages": _stage_stats(rows_seen)},
     }
     (out / STATS_FILE).write_text(json.dumps(stats, indent=1))

@@ -1,0 +1,118 @@
+"""Object storage as clusters use it, against a local S3-compatible server (moto's, on 127.0.0.1 only): the dataset read
+from s3://, Ray Train's checkpoints on s3:// through a resume, the final adapter generating; and the failures a user
+meets first (unreachable endpoint, no credentials, no dataset) as one error line within seconds."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from mpalign.config import ConfigError
+from mpalign.storage import check_storage, filesystem
+
+BUCKET = "mpalign-test"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on a free local port and the AWS settings pointing at it (restored afterwards)."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
+    import pyarrow.fs as pafs
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    settings = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+                "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    before = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    # generous timeouts here only: moto loads its S3 backend on the first request
+    pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True,
+                      connect_timeout=60, request_timeout=300).create_dir(BUCKET)
+    try:
+        yield f"s3://{BUCKET}"
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+def test_a_reachable_store_answers_and_a_missing_path_is_named(s3):
+    assert check_storage(f"{s3}", "bucket") is True
+    assert check_storage(f"{s3}/nothing-here", "train.storage_path") is False
+    with pytest.raises(ConfigError, match="dataset 's3://.*/nothing-here' does not exist"):
+        check_storage(f"{s3}/nothing-here", "dataset", must_exist=True)
+
+
+def test_an_unreachable_endpoint_fails_in_seconds_with_one_line(s3, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens on port 1
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"cannot reach dataset 's3://.*' \(endpoint http://127.0.0.1:1\)") as info:
+        check_storage(f"{s3}/data", "dataset")
+    assert time.perf_counter() - start < 15 and "\n" not in str(info.value)
+
+
+def test_missing_credentials_are_named_before_any_request(s3, monkeypatch):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", "/nonexistent")  # no ~/.aws files
+    with pytest.raises(ConfigError, match="no credentials are set"):
+        check_storage(f"{s3}/data", "dataset")
+
+
+def test_training_cli_on_an_unreachable_store_prints_one_error_line(s3, tmp_path, monkeypatch, capsys):
+    from mpalign.cli import run_cli
+    from mpalign.train import main
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    code = run_cli(main, ["--set", f"data.path={s3}/dataset", "--set", f"train.output_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: cannot reach the dataset's samples folder"), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_dataset_and_checkpoints_on_s3_train_resume_and_generate(s3, tmp_path_factory, tmp_path):
+    """Build (locally, then uploaded: the builder writes to a filesystem path) → train from s3:// with Ray Train's
+    checkpoints on s3:// → resume from them → generate with the adapter."""
+    import pyarrow.fs as pafs
+    import ray
+    from conftest import start_local_ray
+    from PIL import Image
+    from train_support import tiny_dataset, train_config
+
+    from mpalign.generate import main as generate_main
+    from mpalign.train import run_training
+
+    had_ray = ray.is_initialized()
+    ray.shutdown()  # Ray's workers must start with the AWS settings of the fixture in their environment
+    dataset = tiny_dataset(tmp_path_factory)
+    fs, root = filesystem(s3)
+    pafs.copy_files(str(dataset), f"{root}/dataset", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    storage = f"{s3}/train"
+    cfg = train_config(f"{s3}/dataset", tmp_path / "train", f"train.storage_path={storage}", "train.max_steps=2",
+                       "train.checkpoint_every=1", "train.materialize_max_gb=0")
+    try:
+        start_local_ray()
+        assert run_training(cfg).metrics["step"] == 2
+        cfg.train.max_steps = 3
+        outcome = run_training(cfg, resume=True)
+    finally:
+        ray.shutdown()
+        if had_ray:
+            start_local_ray()
+    assert outcome.metrics["resumed_from_step"] == 2 and outcome.metrics["step"] == 3
+    assert f"{BUCKET}/train/run/checkpoint_" in outcome.checkpoint_path  # Ray Train's checkpoint is on S3
+    kept = [info.path for info in fs.get_file_info(pafs.FileSelector(f"{root}/train/run"))
+            if info.base_name.startswith("checkpoint_")]
+    assert kept and not (tmp_path / "train" / "run").exists()  # checkpoints on S3 only, nothing local
+    subject, out = tmp_path / "ball.png", tmp_path / "generated.png"
+    Image.new("RGB", (64, 64), "red").save(subject)
+    assert generate_main(["--adapter", str(outcome.adapter_dir), "--prompt", "a ball", "--subject", str(subject),
+                          "--phrase", "ball", "--box", "0.1,0.1,0.6,0.6", "--steps", "2", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
