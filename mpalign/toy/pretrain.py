@@ -467,7 +467,7 @@ def pretrain(out: Path, parts: tuple[str, ...], scale: float, seed: int) -> dict
         classifier = attribute_classifier.load_classifier(out / "classifier")
         metrics["unet_text_to_image"] = text_to_image_accuracy(_load_sdxl(out), classifier, count(128), seed + 7)
         log(f"unet: single-object text-to-image attribute accuracy {metrics['unet_text_to_image']}")
-    metrics["command"] = "python -m mpalign.toy.pretrain " + " ".join(sys.argv[1:])
+    metrics["command"] = " ".join(["python -m mpalign.toy.pretrain", *sys.argv[1:]])
     metrics["seed"], metrics["scale"] = seed, scale
     metrics["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -490,8 +490,10 @@ def write_model_card(out: Path, metrics: dict) -> None:
         "",
         f"Seed {metrics['seed']}, step scale {metrics['scale']}, trained on {metrics['machine']}. The image encoders and",
         "the UNet never saw the attribute combinations the toy benchmark holds out; the classifier (the judge) saw all.",
+        "Folders: `sdxl/` (diffusers layout), `clip/` (`CLIPModel`), `image_encoder/` (its vision tower with projection),",
+        "`dinov2/`, `classifier/` (`ResNetForImageClassification`, four heads: shape, colour, texture, object present).",
         "",
-        "| model | what it reached (held-out data) | CPU minutes |",
+        "| model | what it reached (held-out data) | minutes (wall, 2 shared cores) |",
         "|---|---|---|",
     ]
     rows = {
