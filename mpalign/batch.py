@@ -20,9 +20,11 @@ one when ``data.cache_*`` is on, otherwise training computes it from the raw key
 | ``dino_cls`` | (B, S, D_dino) | float | DINOv2 CLS of each reference crop (alignment target of L_cross) |
 | ``dino_patch_pooled`` | (B, D_dino) | float | mean DINOv2 patch token of the target image (target of L_self) |
 | ``dino_ref_patch_pooled`` | (B, S, D_dino) | float | mean DINOv2 patch token of each reference crop (L_self option) |
+| ``dino_ref_image_patch_pooled`` | (B, D_dino) | float | mean DINOv2 patch token of the whole reference frame (L_self default) |
 | ``time_ids`` | (B, 6) | float | SDXL micro-conditioning: original (h, w), crop (top, left), target (h, w) |
 """
 
 CACHED_KEYS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "phrase_embeds", "clip_hidden")
 RAW_KEYS = ("pixel_values", "input_ids", "input_ids_2", "phrase_input_ids", "reference_pixels")
-ALWAYS_KEYS = ("boxes", "subject_mask", "dino_cls", "dino_patch_pooled", "dino_ref_patch_pooled", "time_ids")
+ALWAYS_KEYS = ("boxes", "subject_mask", "dino_cls", "dino_patch_pooled", "dino_ref_patch_pooled",
+               "dino_ref_image_patch_pooled", "time_ids")

@@ -127,7 +127,14 @@ class ModelConfig:
     scale: float = 0.6
     # dual alignment
     align_blocks: list[str] = field(default_factory=lambda: ["down", "mid"])
-    align_self_target: str = "target"  # "target": DINOv2 patches of the target image; "reference": of the crops
+    # What L_cross pools over each subject's box of a tapped attn2 layer: "hidden_state" (the transformer block's
+    # hidden state right after attn2: the diffusion feature, it moves with x_t and t), "attn2_output" (the layer's
+    # output alone, after to_out) or "image_branch" (the masked image branch before to_out, the first
+    # implementation: nearly a function of the reference crop alone). The last two are ablations (docs/model.md).
+    align_cross_feature: str = "hidden_state"
+    # What L_self aligns to: "reference_image" (the paper, sections 3.3.2 and 4.5: the whole frame the references
+    # come from, through DINOv2), "target" (the target image) or "reference" (the reference crops)
+    align_self_target: str = "reference_image"
     projector_hidden_dim: int = 2048
     projector_dropout: float = 0.0
 

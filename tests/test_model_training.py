@@ -18,6 +18,7 @@ from mpalign.models.alignment import (
     disentanglement_loss,
     self_alignment_loss,
 )
+from mpalign.models.attention import AlignmentRecorder
 from mpalign.models.training_module import MPAlignTrainingModule, diffusion_target
 
 
@@ -215,3 +216,29 @@ def test_up_blocks_can_be_tapped(batches):
     module = MPAlignTrainingModule.from_config(load_config(overrides=["model.align_blocks=[up]"]))
     assert set(module.projectors.cross) == {"up_blocks_0", "up_blocks_1"}
     assert float(module.validation_losses(batches[0], step=100)["cross"]) > 0
+
+
+def pooled_cross_features(module: MPAlignTrainingModule, batch, latents: torch.Tensor, t: int,
+                          feature: str) -> list[torch.Tensor]:
+    recorder = AlignmentRecorder(blocks=("down", "mid"), cross_feature=feature)
+    with torch.no_grad():
+        module.denoise(module.prepare_conditions(batch), latents, torch.full((latents.shape[0],), t), recorder)
+    return [pooled for _, pooled in recorder.cross]
+
+
+@pytest.mark.parametrize("feature", ["hidden_state", "image_branch"])
+def test_cross_feature_follows_the_noisy_latents_unless_the_ablation_is_chosen(module, batches, feature):
+    """L_cross must align a diffusion feature: pure noise at t = 999 and a zero latent at t = 1 have to give clearly
+    different pooled features. The image branch alone (the first implementation, kept as an ablation) barely moves:
+    it is nearly a function of the reference crop."""
+    batch = batches[0]
+    noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(0))
+    noisy = pooled_cross_features(module, batch, noise, 999, feature)
+    clean = pooled_cross_features(module, batch, torch.zeros_like(noise), 1, feature)
+    real = batch["subject_mask"]
+    cosines = torch.stack([torch.nn.functional.cosine_similarity(a, b, dim=-1)[real].mean() for a, b in zip(noisy, clean)])
+    assert len(cosines) == 3  # down_blocks.1, down_blocks.2, mid_block of the tiny UNet
+    if feature == "hidden_state":
+        assert float(cosines.max()) < 0.9, cosines
+    else:
+        assert float(cosines.min()) > 0.97, cosines

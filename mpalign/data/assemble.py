@@ -50,6 +50,9 @@ def sample_row(target: dict[str, Any], reference: dict[str, Any] | None, cfg: Da
         if target.get(name) is not None:
             row[name] = pack_array(np.stack([unpack_array(src[name])[j] for src, j, _ in sources]))
     matched = sum(src is not target for src, _, _ in sources)
+    # L_self's "reference_image" target (MultiPersona-Align 3.3.2): the whole frame the references were cut from,
+    # i.e. the other frame when any subject was matched there, else the target itself (its own crops)
+    row["dino_ref_image_patch_pooled"] = (reference if matched else target)["dino_patch_pooled"]
     return row, matched
 
 

@@ -55,6 +55,7 @@ _SAMPLE_FIELDS = [
     ("dino_cls", pa.binary()),
     ("dino_patch_pooled", pa.binary()),
     ("dino_ref_patch_pooled", pa.binary()),
+    ("dino_ref_image_patch_pooled", pa.binary()),
     ("dino_patch_grid", pa.binary()),
     ("clip_hidden", pa.binary()),
     ("latents", pa.binary()),

@@ -108,10 +108,25 @@ class MSAdapter(ModelMixin, ConfigMixin):
                 processor = next(cross)
                 processor.block = block_of(name)
                 processors[name] = processor
+                self._hook_block_state(unet, name, processor)
             else:
                 processors[name] = SelfAttnTapProcessor(block_of(name))
         unet.set_attn_processor(processors)
         self.set_scale(scale)
+
+    @staticmethod
+    def _hook_block_state(unet, processor_name: str, processor: MultiSubjectAttnProcessor) -> None:
+        """Feed the input of the transformer block's ``norm3`` (its hidden state right after attn2) to the
+        processor's hidden-state tap; a block without ``norm3`` gets no hook (that tap then raises)."""
+        if processor.state_hook is not None:
+            processor.state_hook.remove()
+            processor.state_hook = None
+        block_name = processor_name[: -len(".attn2.processor")]
+        norm3 = getattr(unet.get_submodule(block_name), "norm3", None) if processor_name.endswith(".attn2.processor") \
+            else None
+        if norm3 is not None:
+            processor.state_hook = norm3.register_forward_pre_hook(
+                lambda _module, args: processor.record_block_state(args[0]))
 
     def set_scale(self, scale: float) -> None:
         for processor in self.ip_layers:

@@ -22,8 +22,10 @@ from mpalign import encoders, zoo
 from mpalign.config import Config
 from mpalign.models.adapter import MSAdapter, place
 from mpalign.models.alignment import (
+    SELF_TARGETS,
     AlignmentProjectors,
     alpha_at,
+    check_alignment_config,
     attention_map_loss,
     cross_alignment_loss,
     disentanglement_loss,
@@ -106,6 +108,7 @@ class MPAlignTrainingModule(nn.Module):
                     adapter_dir: str | Path | None = None) -> MPAlignTrainingModule:
         """Load the zoo parts of ``cfg.model`` and an adapter from ``adapter_dir`` (a ``save_adapter`` folder or a
         converted official checkpoint), or a freshly initialised one; projectors too when the folder has none."""
+        check_alignment_config(cfg.model)
         device = zoo.resolve_device(str(device or cfg.model.device))
         sdxl = zoo.load_sdxl(cfg.model, device=device)
         image_encoder = zoo.load_image_encoder(cfg.model, device=device)
@@ -113,13 +116,18 @@ class MPAlignTrainingModule(nn.Module):
         projectors = None
         if adapter_dir:
             adapter, projectors = load_adapter_parts(adapter_dir)
+            if projectors is not None and projectors.config.cross_feature != cfg.model.align_cross_feature:
+                logger.warning("the projectors in '%s' were trained on the %s feature, this run aligns the %s: "
+                               "starting with fresh projectors", adapter_dir, projectors.config.cross_feature,
+                               cfg.model.align_cross_feature)
+                projectors = None
         else:
             adapter = seeded_init(cfg.model.seed + ADAPTER_SEED_OFFSET, lambda: MSAdapter.for_unet(
                 sdxl.unet, cfg.model, image_encoder.model.config.hidden_size, sdxl.text_encoder.config.hidden_size))
         if projectors is None:
             projectors = seeded_init(cfg.model.seed + PROJECTOR_SEED_OFFSET, lambda: AlignmentProjectors.for_unet(
                 sdxl.unet, cfg.model.align_blocks, dinov2.model.config.hidden_size, cfg.model.projector_hidden_dim,
-                cfg.model.projector_dropout))
+                cfg.model.projector_dropout, cfg.model.align_cross_feature))
         # Trainable weights stay float32 whatever the frozen models' dtype (autocast does mixed precision).
         return cls(cfg, sdxl, image_encoder, dinov2, place(adapter, device, torch.float32),
                    place(projectors, device, torch.float32))
@@ -154,6 +162,10 @@ class MPAlignTrainingModule(nn.Module):
                              f"{adapter.architecture()} vs {self.adapter.architecture()}")
         self.adapter.load_state_dict(adapter.state_dict())
         if projectors is not None:
+            if projectors.config.cross_feature != self.projectors.config.cross_feature:
+                raise ValueError(f"the projectors in '{adapter_dir}' align the {projectors.config.cross_feature} "
+                                 f"feature, this model the {self.projectors.config.cross_feature} "
+                                 "(model.align_cross_feature)")
             self.projectors.load_state_dict(projectors.state_dict())
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -224,6 +236,8 @@ class MPAlignTrainingModule(nn.Module):
             cls_tokens, ref_pooled = self._per_subject(references, subject_mask, cls_and_pooled).chunk(2, dim=-1)
             cond.setdefault("dino_cls", cls_tokens)
             cond.setdefault("dino_ref_patch_pooled", ref_pooled)
+        if "dino_ref_image_patch_pooled" in batch:
+            cond["dino_ref_image_patch_pooled"] = batch["dino_ref_image_patch_pooled"]
         if "dino_patch_pooled" in batch:
             cond["dino_patch_pooled"] = batch["dino_patch_pooled"]
         else:
@@ -276,23 +290,10 @@ class MPAlignTrainingModule(nn.Module):
         recorder = None
         if want_features or want_maps:
             recorder = AlignmentRecorder(blocks=tuple(self.cfg.model.align_blocks), features=want_features,
-                                         attention_maps=want_maps)
+                                         attention_maps=want_maps, cross_feature=self.cfg.model.align_cross_feature)
 
         subject_mask = cond["subject_mask"]
-        tokens = self.adapter.image_tokens(cond["clip_hidden"], cond["phrase_embeds"], cond["boxes"], subject_mask,
-                                           cond.get("drop_grounding"))
-        prompt_embeds = cond["prompt_embeds"]
-        unet_dtype = self.unet.dtype
-        prediction = self.unet(
-            noisy.to(unet_dtype), timesteps,
-            encoder_hidden_states=torch.cat((prompt_embeds, tokens.to(prompt_embeds.dtype)), dim=1).to(unet_dtype),
-            added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"].to(unet_dtype),
-                               "time_ids": cond["time_ids"].to(unet_dtype)},
-            cross_attention_kwargs={"ms_boxes": cond["boxes"], "ms_subject_mask": subject_mask,
-                                    "ms_recorder": recorder},
-        ).sample
-        if recorder is not None:
-            recorder.close()
+        prediction = self.denoise(cond, noisy, timesteps, recorder)
         target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
         out = {"diffusion": F.mse_loss(prediction.float(), target.float())}
 
@@ -319,15 +320,38 @@ class MPAlignTrainingModule(nn.Module):
         out["cos_cross"], out["cos_self"] = out["cos_cross"].detach(), out["cos_self"].detach()
         return out
 
+    def denoise(self, cond: dict[str, torch.Tensor], noisy: torch.Tensor, timesteps: torch.Tensor,
+                recorder: AlignmentRecorder | None = None) -> torch.Tensor:
+        """The UNet's prediction for ``noisy`` latents at ``timesteps`` under the conditions of
+        :meth:`prepare_conditions` (after any drops); ``recorder`` collects the alignment taps and is closed after."""
+        tokens = self.adapter.image_tokens(cond["clip_hidden"], cond["phrase_embeds"], cond["boxes"],
+                                           cond["subject_mask"], cond.get("drop_grounding"))
+        prompt_embeds = cond["prompt_embeds"]
+        unet_dtype = self.unet.dtype
+        prediction = self.unet(
+            noisy.to(unet_dtype), timesteps,
+            encoder_hidden_states=torch.cat((prompt_embeds, tokens.to(prompt_embeds.dtype)), dim=1).to(unet_dtype),
+            added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"].to(unet_dtype),
+                               "time_ids": cond["time_ids"].to(unet_dtype)},
+            cross_attention_kwargs={"ms_boxes": cond["boxes"], "ms_subject_mask": cond["subject_mask"],
+                                    "ms_recorder": recorder},
+        ).sample
+        if recorder is not None:
+            recorder.close()
+        return prediction
+
     def _self_target(self, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L_self's target per ``model.align_self_target`` (checked by ``check_alignment_config``)."""
         choice = self.cfg.model.align_self_target
-        if choice == "target":
-            return cond["dino_patch_pooled"]
+        key = SELF_TARGETS[choice]
+        if key not in cond:
+            raise ValueError(f"model.align_self_target={choice} needs '{key}' in the batch: rebuild the dataset with "
+                             "this version of the builder, or choose another target")
         if choice == "reference":
             # pooled over all reference crops' patches: the mean of the per-crop means (equal patch counts)
-            weight = cond["subject_mask"].to(cond["dino_ref_patch_pooled"].dtype)[..., None]
-            return (cond["dino_ref_patch_pooled"] * weight).sum(1) / weight.sum(1).clamp(min=1.0)
-        raise ValueError(f"model.align_self_target must be 'target' or 'reference', got '{choice}'")
+            weight = cond["subject_mask"].to(cond[key].dtype)[..., None]
+            return (cond[key] * weight).sum(1) / weight.sum(1).clamp(min=1.0)
+        return cond[key]
 
     @torch.no_grad()
     def validation_losses(self, batch: dict[str, torch.Tensor], step: int, seed: int | None = None) -> dict[str, torch.Tensor]:
