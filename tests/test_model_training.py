@@ -242,3 +242,21 @@ def test_cross_feature_follows_the_noisy_latents_unless_the_ablation_is_chosen(m
         assert float(cosines.max()) < 0.9, cosines
     else:
         assert float(cosines.min()) > 0.97, cosines
+
+
+def test_every_self_tap_passes_gradient_to_the_adapter(module, batches):
+    """The first attn1 layer runs before any adapter weight: tapped, it would train only its projector. It is not
+    tapped (the tiny UNet's down_blocks.1 has one transformer layer, so that block has no self projector at all)."""
+    assert set(module.projectors.self_attn) == {"down_blocks_2", "mid_block"}
+    cond = module.prepare_conditions(batches[0])
+    latents = cond["latents"]
+    t = torch.full((latents.shape[0],), 500)
+    recorder = AlignmentRecorder(blocks=("down", "mid"))
+    module.denoise(cond, latents + torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)), t, recorder)
+    assert [block for block, _ in recorder.self_attn] == ["down_blocks.2", "mid_block"]
+    params = list(module.adapter.parameters())
+    for block, pooled in recorder.self_attn:
+        loss, _ = cosine_alignment(module.projectors.project_self(block, pooled), cond["dino_ref_image_patch_pooled"],
+                                   torch.ones(latents.shape[0]))
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        assert sum(float(g.norm()) for g in grads if g is not None) > 0, block

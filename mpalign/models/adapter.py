@@ -31,6 +31,19 @@ def cross_attention_layers(unet) -> list[tuple[str, nn.Module]]:
     return [(name, layer) for name, layer in unet_attention_layers(unet) if layer.is_cross_attention]
 
 
+def adapter_free_self_layers(unet) -> set[str]:
+    """Processor names of the self-attention layers that run before any cross-attention layer (the first attn1 of
+    SDXL's first attention block): no adapter weight reaches their output, so an L_self tap there would train only
+    its projector (measured: exactly zero gradient to the adapter), and they are not tapped. ``attn_processors``
+    lists the down blocks first, in execution order, so these are the self layers listed before the first cross."""
+    names = set()
+    for name, layer in unet_attention_layers(unet):
+        if layer.is_cross_attention:
+            break
+        names.add(name)
+    return names
+
+
 class MSAdapter(ModelMixin, ConfigMixin):
     """Everything MS-Diffusion trains. ``ip_layer_widths`` lists the key/value width of each cross-attention layer
     of the UNet it belongs to, in processor order; :meth:`attach` checks a UNet against it."""
@@ -103,6 +116,7 @@ class MSAdapter(ModelMixin, ConfigMixin):
         self.check_compatible(unet)
         processors = {}
         cross = iter(self.ip_layers)
+        untapped = adapter_free_self_layers(unet)
         for name, layer in unet_attention_layers(unet):
             if layer.is_cross_attention:
                 processor = next(cross)
@@ -110,7 +124,7 @@ class MSAdapter(ModelMixin, ConfigMixin):
                 processors[name] = processor
                 self._hook_block_state(unet, name, processor)
             else:
-                processors[name] = SelfAttnTapProcessor(block_of(name))
+                processors[name] = SelfAttnTapProcessor(block_of(name), tapped=name not in untapped)
         unet.set_attn_processor(processors)
         self.set_scale(scale)
 

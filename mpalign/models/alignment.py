@@ -20,7 +20,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from mpalign.config import ConfigError, ModelConfig, TrainConfig
-from mpalign.models.adapter import unet_attention_layers
+from mpalign.models.adapter import adapter_free_self_layers, unet_attention_layers
 from mpalign.models.attention import BLOCK_KINDS, CROSS_FEATURES, block_kind, block_of
 
 KL_EPS = 1e-8
@@ -81,6 +81,7 @@ class AlignmentProjectors(ModelMixin, ConfigMixin):
         if cross_feature not in CROSS_FEATURES:
             raise ValueError(f"model.align_cross_feature must be one of {list(CROSS_FEATURES)}, got '{cross_feature}'")
         cross, self_ = {}, {}
+        untapped = adapter_free_self_layers(unet)
         for name, layer in unet_attention_layers(unet):
             block = block_of(name)
             if block_kind(block) not in blocks:
@@ -90,7 +91,7 @@ class AlignmentProjectors(ModelMixin, ConfigMixin):
                 # image branch the inner attention width
                 cross[block] = (layer.to_k.out_features if cross_feature == "image_branch"
                                 else layer.to_out[0].out_features)
-            else:
+            elif name not in untapped:
                 self_[block] = layer.to_out[0].out_features
         return cls(cross_widths=cross, self_widths=self_, out_dim=out_dim, hidden_dim=hidden_dim, dropout=dropout,
                    cross_feature=cross_feature)

@@ -312,11 +312,12 @@ class MultiSubjectAttnProcessor(nn.Module):
 class SelfAttnTapProcessor(AttnProcessor2_0):
     """diffusers' SDPA self-attention, unchanged, plus the L_self tap: the layer's output (after ``to_out``) averaged
     over all query cells. Accepts (and ignores) the multi-subject keywords so the UNet can pass one kwargs dict to
-    every layer without warnings."""
+    every layer without warnings. ``tapped=False`` for a layer no adapter weight reaches (it never records)."""
 
-    def __init__(self, block: str = ""):
+    def __init__(self, block: str = "", tapped: bool = True):
         super().__init__()
         self.block = block
+        self.tapped = tapped
 
     def __call__(
         self,
@@ -332,6 +333,6 @@ class SelfAttnTapProcessor(AttnProcessor2_0):
         ms_recorder: AlignmentRecorder | None = None,
     ) -> torch.Tensor:
         out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if ms_recorder is not None and ms_recorder.features and ms_recorder.taps(self.block):
+        if self.tapped and ms_recorder is not None and ms_recorder.features and ms_recorder.taps(self.block):
             ms_recorder.record_self(self.block, out.mean(dim=1))
         return out
