@@ -83,6 +83,10 @@ class DataConfig:
     # this uses its own crop instead (MS-Diffusion appendix A: unmatched subjects fall back to the target)
     match_min_similarity: float = 0.5
     crop_size: int = 64  # side of a stored reference crop
+    # How a reference crop is cut: "release" (MS-Diffusion's data generator, whose checkpoint we fine-tune: pixels
+    # outside the SAM mask black, the box cut out and stretched to crop_size², aspect not kept) or "white_square"
+    # (pixels outside the mask white, the box grown to a square around its centre so the subject keeps its shape)
+    crop_style: str = "release"
     cache_dinov2: bool = True
     cache_dinov2_patch_grid: bool = False
     cache_clip: bool = True
@@ -158,6 +162,9 @@ class TrainConfig:
     lambda_self: float = 1.0
     attn_loss_weight: float = 0.0  # MS-Diffusion image attention loss (appendix G)
     disentangle_weight: float = 0.0  # MOSAIC-style symmetric-KL disentanglement (maximised)
+    # The target's latents each step: "sample" (a fresh draw from the VAE posterior, as the release's training
+    # script does; the dataset caches the posterior mean and std) or "mean" (the posterior mean every time)
+    vae_latents: str = "sample"
     drop_text_prob: float = 0.05
     drop_image_prob: float = 0.05
     drop_both_prob: float = 0.05

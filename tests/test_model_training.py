@@ -260,3 +260,23 @@ def test_every_self_tap_passes_gradient_to_the_adapter(module, batches):
                                    torch.ones(latents.shape[0]))
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         assert sum(float(g.norm()) for g in grads if g is not None) > 0, block
+
+
+def test_training_draws_latents_from_the_cached_posterior(module, batches, monkeypatch):
+    """train.vae_latents=sample (the release: latent_dist.sample()) draws mean + std * noise each training step; the
+    posterior mean is used in eval and with train.vae_latents=mean."""
+    cached = batches[0]
+    module.train()
+
+    def diffusion(batch) -> float:
+        with torch.no_grad():
+            return float(module(batch, step=0, generator=torch.Generator().manual_seed(3))["diffusion"])
+
+    sampled = diffusion(cached)
+    assert sampled == diffusion(cached)  # same generator, same draw
+    without_spread = diffusion({**cached, "latents_std": torch.zeros_like(cached["latents_std"])})
+    monkeypatch.setattr(module.cfg.train, "vae_latents", "mean")
+    assert diffusion(cached) == without_spread != sampled
+    monkeypatch.setattr(module.cfg.train, "vae_latents", "sample")
+    with pytest.raises(ValueError, match="latents_std"):
+        diffusion({k: v for k, v in cached.items() if k != "latents_std"})

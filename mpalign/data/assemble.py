@@ -15,7 +15,7 @@ from mpalign.data.schema import REJECT_SCHEMA, pack_array, unpack_array
 _REFERENCE_ARRAYS = ("dino_cls", "dino_ref_patch_pooled", "clip_hidden")
 _TARGET_COLUMNS = ("id", "caption", "phrases", "phrase_char_spans", "phrase_token_positions", "boxes", "box_scores",
                    "image", "original_size", "crop_top_left", "masks", "video_id", "frame_idx", "dino_patch_pooled",
-                   "dino_patch_grid", "latents", "prompt_embeds", "pooled_prompt_embeds", "phrase_embeds")
+                   "dino_patch_grid", "latents", "latents_std", "prompt_embeds", "pooled_prompt_embeds", "phrase_embeds")
 
 
 def reject_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from mpalign.config import ActorPoolConfig, Config, ConfigError, StageConfig
 from mpalign.data.assemble import assemble_shard
 from mpalign.data.records import assign_shards, fingerprint, read_records
+from mpalign.data.segmentation import CROP_STYLES
 from mpalign.data.schema import (
     CONFIG_FILE,
     MANIFEST_FILE,
@@ -294,6 +295,8 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
         raise ConfigError(f"unknown executor '{executor}', expected one of {', '.join(EXECUTORS)}")
     if not cfg.data.cache_dinov2:
         raise ConfigError("data.cache_dinov2 must stay true: DINOv2 features are the alignment targets and always cached")
+    if cfg.data.crop_style not in CROP_STYLES:
+        raise ConfigError(f"data.crop_style must be one of {', '.join(CROP_STYLES)}, got '{cfg.data.crop_style}'")
     input_path = Path(input or cfg.data.input or ensure_sample_dataset(cfg.data.sample)).resolve()
     out = Path(output or cfg.data.path).resolve()
     records = read_records(input_path)

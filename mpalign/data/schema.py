@@ -25,7 +25,7 @@ MANIFEST_FILE = "manifest.json"
 CACHE_COLUMNS = {
     "cache_dinov2_patch_grid": ("dino_patch_grid",),
     "cache_clip": ("clip_hidden",),
-    "cache_vae": ("latents",),
+    "cache_vae": ("latents", "latents_std"),
     "cache_text": ("prompt_embeds", "pooled_prompt_embeds", "phrase_embeds"),
 }
 
@@ -59,6 +59,7 @@ _SAMPLE_FIELDS = [
     ("dino_patch_grid", pa.binary()),
     ("clip_hidden", pa.binary()),
     ("latents", pa.binary()),
+    ("latents_std", pa.binary()),
     ("prompt_embeds", pa.binary()),
     ("pooled_prompt_embeds", pa.binary()),
     ("phrase_embeds", pa.binary()),

@@ -203,7 +203,12 @@ class MPAlignTrainingModule(nn.Module):
         sdxl = self.sdxl
         cond: dict[str, torch.Tensor] = {"subject_mask": subject_mask, "boxes": batch["boxes"],
                                          "time_ids": batch["time_ids"]}
-        cond["latents"] = batch["latents"] if "latents" in batch else encoders.vae_latents(sdxl, batch["pixel_values"])
+        if "latents" in batch:
+            cond["latents"] = batch["latents"]
+            if "latents_std" in batch:
+                cond["latents_std"] = batch["latents_std"]
+        else:
+            cond["latents"], cond["latents_std"] = encoders.vae_posterior(sdxl, batch["pixel_values"])
         if "prompt_embeds" in batch:
             cond["prompt_embeds"], cond["pooled_prompt_embeds"] = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
         else:
@@ -282,6 +287,8 @@ class MPAlignTrainingModule(nn.Module):
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(self.device)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,),
                                   generator=generator).to(self.device)
+        if self.training:  # drawn after noise and timesteps: both settings of train.vae_latents share those
+            latents = self._training_latents(cond, generator)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
 
         alpha = alpha_at(step, train_cfg)
@@ -319,6 +326,18 @@ class MPAlignTrainingModule(nn.Module):
         out["loss"] = loss
         out["cos_cross"], out["cos_self"] = out["cos_cross"].detach(), out["cos_self"].detach()
         return out
+
+    def _training_latents(self, cond: dict[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
+        """``train.vae_latents``: a fresh draw from the VAE posterior (the release's ``latent_dist.sample()``), or
+        its mean. Evaluation always takes the mean."""
+        mean = cond["latents"]
+        if self.cfg.train.vae_latents == "mean":
+            return mean
+        if "latents_std" not in cond:
+            raise ValueError("train.vae_latents=sample needs the posterior's std ('latents_std'), which this dataset "
+                             "does not cache: rebuild it with this version of the builder, or set train.vae_latents=mean")
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        return mean + cond["latents_std"] * noise
 
     def denoise(self, cond: dict[str, torch.Tensor], noisy: torch.Tensor, timesteps: torch.Tensor,
                 recorder: AlignmentRecorder | None = None) -> torch.Tensor:

@@ -22,12 +22,15 @@ from mpalign.config import ConfigError, TrainConfig
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STRATEGIES = ("ddp", "deepspeed")
+VAE_LATENTS = ("sample", "mean")
 
 
 def check_train_config(train_cfg: TrainConfig) -> None:
     """User mistakes in the ``train`` section, found before any worker starts."""
     if train_cfg.mixed_precision not in MIXED_PRECISION:
         raise ConfigError(f"train.mixed_precision must be one of {list(MIXED_PRECISION)}, got '{train_cfg.mixed_precision}'")
+    if train_cfg.vae_latents not in VAE_LATENTS:
+        raise ConfigError(f"train.vae_latents must be one of {list(VAE_LATENTS)}, got '{train_cfg.vae_latents}'")
     if train_cfg.strategy not in STRATEGIES:
         raise ConfigError(f"train.strategy must be one of {list(STRATEGIES)}, got '{train_cfg.strategy}'")
     if train_cfg.strategy == "deepspeed" and train_cfg.mixed_precision == "fp16":
