@@ -35,7 +35,6 @@ import pyarrow.parquet as pq
 from mpalign.config import ActorPoolConfig, Config, ConfigError, StageConfig
 from mpalign.data.assemble import assemble_shard
 from mpalign.data.records import assign_shards, fingerprint, read_records
-from mpalign.data.segmentation import CROP_STYLES
 from mpalign.data.schema import (
     CONFIG_FILE,
     MANIFEST_FILE,
@@ -45,6 +44,7 @@ from mpalign.data.schema import (
     STATS_FILE,
     sample_schema,
 )
+from mpalign.data.segmentation import CROP_STYLES
 from mpalign.data.stages import STAGE_NAMES, WORK_SCHEMA, StageChain
 
 MANIFEST_VERSION = 1
