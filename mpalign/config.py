@@ -152,6 +152,10 @@ class TrainConfig:
     lr_scheduler: str = "constant"  # any diffusers.optimization schedule name (constant, cosine, linear, ...)
     lr_warmup_steps: int = 0  # of the learning rate; the alignment warm-up is warmup_steps below
     weight_decay: float = 0.01
+    # "adamw" (torch, fp32 states), "adamw_fused" (torch's fused kernel: one launch per step instead of one per
+    # tensor) or "adamw_8bit" (bitsandbytes' 8-bit states, a quarter of the optimizer memory; pip install
+    # 'mpalign[bnb]'). A DeepSpeed config with its own "optimizer" section overrides it.
+    optimizer: str = "adamw"
     max_grad_norm: float = 1.0
     grad_accum_steps: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16

@@ -31,6 +31,7 @@ import torch
 
 from mpalign.cli import UserInputError, run_cli
 from mpalign.config import REPO_ROOT, Config, ConfigError, add_config_args, config_from_args, config_from_dict
+from mpalign.models.alignment import check_alignment_config
 from mpalign.training.checkpoint import (
     ADAPTER_DIR,
     EMA_ADAPTER_DIR,
@@ -107,6 +108,7 @@ def _resolve_paths(cfg: Config) -> Config:
 def check_config(cfg: Config) -> None:
     """Every user mistake that can be found before Ray starts."""
     check_train_config(cfg.train)
+    check_alignment_config(cfg.model)
     check_logger(cfg.train.logger)
     if cfg.train.strategy == "deepspeed":
         try:
