@@ -68,14 +68,19 @@ class MPAlignPipeline:
     """SDXL + CLIP image encoder + MS adapter. ``pipe`` is the underlying ``StableDiffusionXLPipeline``."""
 
     def __init__(self, sdxl: zoo.SDXLComponents, image_encoder: zoo.EncoderWithProcessor, adapter: MSAdapter,
-                 scale: float = 0.6):
+                 scale: float = 0.6, attached: bool = False):
+        """``attached``: the adapter is already attached to ``sdxl.unet`` (the training module's, shared by the
+        validation grid) and is used as it is: not cast, frozen or re-attached."""
         self.sdxl = sdxl
         self.image_encoder = image_encoder
         unet = sdxl.unet
         adapter.check_compatible(unet, image_encoder.model.config.hidden_size, sdxl.text_encoder.config.hidden_size)
-        self.adapter = place(adapter, unet.device, unet.dtype).eval().requires_grad_(False)
-        unet.requires_grad_(False)
-        adapter.attach(unet, scale)
+        if attached:
+            self.adapter = adapter
+        else:
+            self.adapter = place(adapter, unet.device, unet.dtype).eval().requires_grad_(False)
+            unet.requires_grad_(False)
+            adapter.attach(unet, scale)
         self.scale = scale
         self.pipe = StableDiffusionXLPipeline(**sdxl.as_pipeline_kwargs())
         self.pipe.set_progress_bar_config(disable=True)

@@ -158,6 +158,16 @@ def load_datasets(cfg: Config) -> dict[str, Any]:
     return {"train": train.randomize_block_order(seed=cfg.train.seed), "val": val}
 
 
+def dataset_columns(cfg: Config) -> list[str]:
+    """The columns of the built dataset's samples (from the Parquet footers): which encodings it caches."""
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    uri = dataset_samples_uri(cfg)
+    filesystem, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    return pads.dataset(path, filesystem=filesystem, format="parquet").schema.names
+
+
 def _stored_bytes(uri: str) -> int:
     import pyarrow.fs as pafs
 
@@ -208,6 +218,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False,
             "val_examples": _validation_examples(datasets["val"], train_cfg.val_num_images if train_cfg.val_every
                                                  else 0),
             "crash": _crash_hook(),
+            "dataset_columns": dataset_columns(cfg),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                                resources_per_worker=resources),
@@ -311,7 +322,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
     seed_everything(train.seed + rank)
 
-    module = MPAlignTrainingModule.from_config(cfg, device=device)
+    # Frozen encoders whose outputs the dataset caches are not kept; the validation grid needs the VAE, text and
+    # image encoders. Every rank loads the same set: DDP broadcasts rank 0's module state to the others.
+    module = MPAlignTrainingModule.from_config(cfg, device=device, cached_keys=loop_config["dataset_columns"],
+                                               generation=bool(loop_config["val_examples"]))
     if train.gradient_checkpointing:
         module.enable_gradient_checkpointing()
     module.train()
@@ -337,7 +351,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if not val_batches:
             logger.warning("the dataset has no val rows: validation is skipped")
     val_examples = [ValidationExample(**e) for e in loop_config["val_examples"]]
-    grid = ValidationGrid(cfg, val_examples, device) if rank == 0 and val_examples else None
+    grid = ValidationGrid(module, val_examples) if rank == 0 and val_examples else None
     train_shard = ray.train.get_dataset_shard("train")
     reporter = StepReporter(cfg, model, state, rank, world_size, device, metrics_logger, val_batches, grid)
 
@@ -425,8 +439,8 @@ class StepReporter:
         metrics = validation_metrics(module, self.val_batches, step, seed=self.cfg.train.seed, device=self.device)
         self.metrics_logger.log_scalars(metrics, step)
         if self.grid is not None:
-            with tempfile.TemporaryDirectory(prefix="mpalign-val-") as directory, ema_weights(module, self.state.ema):
-                image = self.grid.render(module.save_adapter(directory))
+            with ema_weights(module, self.state.ema):
+                image = self.grid.render()
             save_grid(image, Path(self.cfg.train.output_dir) / "validation", step)
             self.metrics_logger.log_image("val/generations", image, step)
         return metrics

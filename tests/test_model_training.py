@@ -3,6 +3,7 @@ the alpha schedule, determinism of validation losses, adapter persistence."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -280,3 +281,56 @@ def test_training_draws_latents_from_the_cached_posterior(module, batches, monke
     monkeypatch.setattr(module.cfg.train, "vae_latents", "sample")
     with pytest.raises(ValueError, match="latents_std"):
         diffusion({k: v for k, v in cached.items() if k != "latents_std"})
+
+
+def test_cached_encodings_leave_the_frozen_encoders_unloaded(module, batches, monkeypatch):
+    """With every encoding cached, training keeps only the UNet: no VAE, text encoders, CLIP image encoder or DINOv2
+    (DINOv2 is never even loaded; the text and image encoders only for the null conditions), and the losses are
+    those of the fully loaded module."""
+    from mpalign import zoo
+    from mpalign.batch import ALWAYS_KEYS, CACHED_KEYS
+    from mpalign.models.training_module import encoders_to_load
+
+    def no_dinov2(*args, **kwargs):
+        raise AssertionError("DINOv2 loaded although the dataset caches its features")
+
+    monkeypatch.setattr(zoo, "load_dinov2", no_dinov2)
+    cached = {*CACHED_KEYS, *ALWAYS_KEYS}
+    assert encoders_to_load(cached) == set()
+    assert encoders_to_load(cached, generation=True) == {"vae", "text_encoders", "image_encoder"}
+    assert encoders_to_load(cached - {"clip_hidden"}) == {"image_encoder"}
+    lean = MPAlignTrainingModule.from_config(module.cfg, cached_keys=cached)
+    assert lean.image_encoder is None and lean.dinov2 is None
+    assert lean.sdxl.vae is None and lean.sdxl.text_encoder is None and lean.sdxl.text_encoder_2 is None
+    assert list(lean.frozen) == [lean.unet]
+    for name in ("empty_prompt_embeds", "empty_pooled_prompt_embeds", "null_clip_hidden"):
+        torch.testing.assert_close(getattr(lean, name), getattr(module, name))
+    torch.testing.assert_close(lean.validation_losses(batches[0], step=10), module.validation_losses(batches[0], step=10))
+    with pytest.raises(ValueError, match="built without the vae"):
+        lean.validation_losses(batches[1], step=10)  # raw pixels need the VAE this module does not hold
+
+
+def test_frozen_weights_take_bf16_under_bf16_autocast():
+    from mpalign.models.training_module import frozen_dtype
+
+    assert frozen_dtype(load_config(overrides=["model.dtype=float16", "train.mixed_precision=bf16"])) == torch.bfloat16
+    assert frozen_dtype(load_config(overrides=["model.dtype=float16", "train.mixed_precision=fp16"])) == torch.float16
+    assert frozen_dtype(load_config(overrides=["model.dtype=float32", "train.mixed_precision=bf16"])) == torch.float32
+
+
+def test_validation_grid_shares_the_training_models(module, batches, examples):
+    from mpalign.data.schema import encode_png
+    from mpalign.training.validation import ValidationExample, ValidationGrid
+
+    example = examples[0]
+    grid = ValidationGrid(module, [ValidationExample(example.caption, example.phrases, example.boxes,
+                                                     [encode_png(np.asarray(c)) for c in example.crops()])])
+    before = module.validation_losses(batches[0], step=10)
+    image = grid.render()
+    size = module.cfg.data.image_size
+    assert image.size == ((len(example.boxes) + 1) * size, size)
+    pipe = grid.pipeline.pipe
+    assert pipe.unet is module.unet and pipe.vae is module.sdxl.vae and grid.pipeline.adapter is module.adapter
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in module.adapter.parameters())
+    assert all(processor.scale == 1.0 for processor in module.adapter.ip_layers)  # training scale restored
+    torch.testing.assert_close(module.validation_losses(batches[0], step=10), before)

@@ -9,6 +9,7 @@ otherwise). No Ray, no optimizer: the trainer owns those.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -77,42 +78,97 @@ def load_adapter_parts(adapter_dir: str | Path) -> tuple[MSAdapter, AlignmentPro
     return adapter, projectors
 
 
-class MPAlignTrainingModule(nn.Module):
-    """Holds the frozen models (UNet, VAE, text encoders, CLIP image encoder, DINOv2) and the trainable ones
-    (``adapter``, ``projectors``); :meth:`forward` returns the loss terms of one step."""
+# The frozen encoders by the batch keys they produce: training loads one only when the dataset lacks some of its
+# keys (then it encodes the raw inputs in the step) or when the validation grid generates images (VAE, text and CLIP).
+ENCODER_OUTPUTS = {
+    "vae": ("latents",),
+    "text_encoders": ("prompt_embeds", "pooled_prompt_embeds", "phrase_embeds"),
+    "image_encoder": ("clip_hidden",),
+    "dinov2": ("dino_cls", "dino_ref_patch_pooled", "dino_patch_pooled"),
+}
+GENERATION_ENCODERS = ("vae", "text_encoders", "image_encoder")
 
-    def __init__(self, cfg: Config, sdxl: zoo.SDXLComponents, image_encoder: zoo.EncoderWithProcessor,
-                 dinov2: zoo.EncoderWithProcessor, adapter: MSAdapter, projectors: AlignmentProjectors):
+
+def encoders_to_load(cached_keys: Collection[str] | None, generation: bool = False) -> set[str]:
+    """The ``ENCODER_OUTPUTS`` roles training needs: all of them when the cached keys are unknown (None)."""
+    if cached_keys is None:
+        return set(ENCODER_OUTPUTS)
+    needed = {role for role, keys in ENCODER_OUTPUTS.items() if not set(keys) <= set(cached_keys)}
+    return needed | (set(GENERATION_ENCODERS) if generation else set())
+
+
+def frozen_dtype(cfg: Config) -> torch.dtype:
+    """The frozen models' dtype: ``model.dtype``, except that fp16 weights become bf16 when training under bf16
+    autocast (fp16 weights would be re-cast to bf16 at every matmul, a copy per layer per step)."""
+    dtype = zoo.resolve_dtype(cfg.model.dtype)
+    if dtype == torch.float16 and cfg.train.mixed_precision == "bf16":
+        return torch.bfloat16
+    return dtype
+
+
+@torch.no_grad()
+def null_conditions(sdxl: zoo.SDXLComponents, image_encoder: zoo.EncoderWithProcessor) -> dict[str, torch.Tensor]:
+    """What dropped conditions look like, as in MS-Diffusion: the empty prompt's embeddings, and the CLIP features
+    of an all-zero (normalised) image for a dropped reference."""
+    empty_embeds, empty_pooled = encoders.encode_prompts(sdxl, [""])
+    model = image_encoder.model
+    size = model.config.image_size
+    pixels = torch.zeros(1, 3, size, size, device=model.device, dtype=model.dtype)
+    return {"empty_prompt_embeds": empty_embeds, "empty_pooled_prompt_embeds": empty_pooled,
+            "null_clip_hidden": model(pixels, output_hidden_states=True).hidden_states[-2]}
+
+
+class MPAlignTrainingModule(nn.Module):
+    """Holds the frozen models (UNet; VAE, text encoders, CLIP image encoder and DINOv2 when given: None where the
+    dataset caches their outputs) and the trainable ones (``adapter``, ``projectors``); :meth:`forward` returns the
+    loss terms of one step. ``null`` are the :func:`null_conditions` (computed here when the encoders are given)."""
+
+    def __init__(self, cfg: Config, sdxl: zoo.SDXLComponents, image_encoder: zoo.EncoderWithProcessor | None,
+                 dinov2: zoo.EncoderWithProcessor | None, adapter: MSAdapter, projectors: AlignmentProjectors,
+                 null: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.cfg = cfg
         self.sdxl = sdxl
         self.image_encoder = image_encoder
         self.dinov2 = dinov2
-        self.frozen = nn.ModuleList([sdxl.unet, sdxl.vae, sdxl.text_encoder, sdxl.text_encoder_2, image_encoder.model,
-                                     dinov2.model])
+        models = (sdxl.unet, sdxl.vae, sdxl.text_encoder, sdxl.text_encoder_2,
+                  image_encoder.model if image_encoder else None, dinov2.model if dinov2 else None)
+        self.frozen = nn.ModuleList([m for m in models if m is not None])
         # Freeze before attaching: the processors become UNet submodules and must stay trainable.
         self.frozen.requires_grad_(False)
-        adapter.check_compatible(sdxl.unet, image_encoder.model.config.hidden_size, sdxl.text_encoder.config.hidden_size)
+        adapter.check_compatible(sdxl.unet, image_encoder.model.config.hidden_size if image_encoder else None,
+                                 sdxl.text_encoder.config.hidden_size if sdxl.text_encoder else None)
         adapter.attach(sdxl.unet, scale=1.0)
         self.adapter = adapter
         self.projectors = projectors
         self.noise_scheduler = DDPMScheduler.from_config(sdxl.scheduler.config)
         self.frozen.eval()
-        empty_embeds, empty_pooled = encoders.encode_prompts(sdxl, [""])
-        self.register_buffer("empty_prompt_embeds", empty_embeds, persistent=False)
-        self.register_buffer("empty_pooled_prompt_embeds", empty_pooled, persistent=False)
-        self.register_buffer("null_clip_hidden", self._null_clip_hidden(), persistent=False)
+        for name, value in (null or null_conditions(sdxl, image_encoder)).items():
+            self.register_buffer(name, value.to(adapter.dummy_tokens.device), persistent=False)
 
     @classmethod
-    def from_config(cls, cfg: Config, device: str | torch.device | None = None,
-                    adapter_dir: str | Path | None = None) -> MPAlignTrainingModule:
+    def from_config(cls, cfg: Config, device: str | torch.device | None = None, adapter_dir: str | Path | None = None,
+                    cached_keys: Collection[str] | None = None, generation: bool = False) -> MPAlignTrainingModule:
         """Load the zoo parts of ``cfg.model`` and an adapter from ``adapter_dir`` (a ``save_adapter`` folder or a
-        converted official checkpoint), or a freshly initialised one; projectors too when the folder has none."""
+        converted official checkpoint), or a freshly initialised one; projectors too when the folder has none.
+
+        ``cached_keys``: the batch keys the dataset caches (None: unknown, load every encoder); an encoder whose
+        outputs are all cached is not kept (:func:`encoders_to_load`), unless ``generation`` (the validation grid)
+        needs it. The text encoders and the CLIP image encoder are then loaded only for the moment it takes to
+        compute the :func:`null_conditions`, and DINOv2 not at all."""
         check_alignment_config(cfg.model)
         device = zoo.resolve_device(str(device or cfg.model.device))
-        sdxl = zoo.load_sdxl(cfg.model, device=device)
-        image_encoder = zoo.load_image_encoder(cfg.model, device=device)
-        dinov2 = zoo.load_dinov2(cfg.model, device=device)
+        dtype = frozen_dtype(cfg)
+        needed = encoders_to_load(cached_keys, generation)
+        sdxl = zoo.load_sdxl(cfg.model, dtype=dtype, device=device, vae="vae" in needed,
+                             text_encoders="text_encoders" in needed)
+        image_encoder = zoo.load_image_encoder(cfg.model, dtype, device) if "image_encoder" in needed else None
+        dinov2 = zoo.load_dinov2(cfg.model, dtype, device) if "dinov2" in needed else None
+        null = None
+        if sdxl.text_encoder is None or image_encoder is None:  # loaded for this moment only, then dropped
+            text = sdxl if sdxl.text_encoder is not None else zoo.load_sdxl_encoders(cfg.model, dtype, device, vae=False)
+            null = null_conditions(text, image_encoder or zoo.load_image_encoder(cfg.model, dtype, device))
+        widths = zoo.encoder_widths(cfg.model)
         projectors = None
         if adapter_dir:
             adapter, projectors = load_adapter_parts(adapter_dir)
@@ -123,14 +179,15 @@ class MPAlignTrainingModule(nn.Module):
                 projectors = None
         else:
             adapter = seeded_init(cfg.model.seed + ADAPTER_SEED_OFFSET, lambda: MSAdapter.for_unet(
-                sdxl.unet, cfg.model, image_encoder.model.config.hidden_size, sdxl.text_encoder.config.hidden_size))
+                sdxl.unet, cfg.model, widths.image_embed, widths.phrase))
+        adapter.check_compatible(sdxl.unet, widths.image_embed, widths.phrase)
         if projectors is None:
             projectors = seeded_init(cfg.model.seed + PROJECTOR_SEED_OFFSET, lambda: AlignmentProjectors.for_unet(
-                sdxl.unet, cfg.model.align_blocks, dinov2.model.config.hidden_size, cfg.model.projector_hidden_dim,
+                sdxl.unet, cfg.model.align_blocks, widths.dinov2, cfg.model.projector_hidden_dim,
                 cfg.model.projector_dropout, cfg.model.align_cross_feature))
         # Trainable weights stay float32 whatever the frozen models' dtype (autocast does mixed precision).
         return cls(cfg, sdxl, image_encoder, dinov2, place(adapter, device, torch.float32),
-                   place(projectors, device, torch.float32))
+                   place(projectors, device, torch.float32), null)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Parameters, persistence
@@ -180,14 +237,6 @@ class MPAlignTrainingModule(nn.Module):
     def device(self) -> torch.device:
         return self.adapter.dummy_tokens.device
 
-    @torch.no_grad()
-    def _null_clip_hidden(self) -> torch.Tensor:
-        """CLIP features of an all-zero (normalised) image: what a dropped reference looks like, as in MS-Diffusion."""
-        model = self.image_encoder.model
-        size = model.config.image_size
-        pixels = torch.zeros(1, 3, size, size, device=model.device, dtype=model.dtype)
-        return model(pixels, output_hidden_states=True).hidden_states[-2]
-
     def _per_subject(self, values: torch.Tensor, subject_mask: torch.Tensor, encode) -> torch.Tensor:
         """Run ``encode`` on the real subjects of (B, S, ...) ``values`` only; padded ones get zeros."""
         real = encode(values[subject_mask])
@@ -198,6 +247,13 @@ class MPAlignTrainingModule(nn.Module):
     @torch.no_grad()
     def prepare_conditions(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every model input of the batch on the model's device: cached keys as they are, raw keys encoded."""
+        loaded = {"vae": self.sdxl.vae, "text_encoders": self.sdxl.text_encoder, "image_encoder": self.image_encoder,
+                  "dinov2": self.dinov2}
+        for role, keys in ENCODER_OUTPUTS.items():
+            missing = [k for k in keys if k not in batch]
+            if missing and loaded[role] is None:
+                raise ValueError(f"the batch has no {', '.join(missing)} and this module was built without the {role} "
+                                 "(from_config was told the dataset caches them)")
         device = self.device
         subject_mask = batch["subject_mask"].to(torch.bool)
         sdxl = self.sdxl

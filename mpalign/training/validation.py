@@ -63,34 +63,37 @@ class ValidationExample:
 
 class ValidationGrid:
     """Generations for a few held-out examples with the adapter as it is now: one row per example, its reference
-    crops then the generation with the target boxes drawn. The pipeline (its own copy of the frozen models: attaching
-    the training adapter to the training UNet would change the training graph) is built on first use; later calls
-    load the new adapter weights into it."""
+    crops then the generation with the target boxes drawn. The pipeline shares the training module's models (UNet,
+    VAE, text and image encoders, the attached adapter): no second copy of SDXL on the device. The module must have
+    been built with ``generation=True`` so those encoders are loaded."""
 
-    def __init__(self, cfg: Config, examples: list[ValidationExample], device: torch.device):
-        self.cfg = cfg
+    def __init__(self, module: torch.nn.Module, examples: list[ValidationExample]):
+        self.module = module
+        self.cfg: Config = module.cfg
         self.examples = examples
-        self.device = device
         self.pipeline: Any = None
 
-    def render(self, adapter_dir: str | Path) -> Image.Image:
-        """Generate with the adapter saved in ``adapter_dir`` (``save_adapter`` layout)."""
-        from mpalign.models.training_module import load_adapter_parts
+    @torch.no_grad()
+    def render(self) -> Image.Image:
+        """Generate with the module's adapter weights as they are (swap EMA weights in around the call)."""
         from mpalign.pipeline import MPAlignPipeline, draw_boxes
 
+        module = self.module
         if self.pipeline is None:
-            self.pipeline = MPAlignPipeline.from_config(self.cfg, adapter_dir=adapter_dir, device=self.device)
-        else:
-            self.pipeline.adapter.load_state_dict(load_adapter_parts(adapter_dir)[0].state_dict())
+            self.pipeline = MPAlignPipeline(module.sdxl, module.image_encoder, module.adapter, scale=self.cfg.model.scale,
+                                            attached=True)
         size = self.cfg.data.image_size
         rows = []
-        for index, example in enumerate(self.examples):
-            image = self.pipeline.generate(example.caption, example.subject_images(), example.boxes, example.phrases,
-                                           seed=self.cfg.train.seed + index,
-                                           num_inference_steps=self.cfg.eval.num_inference_steps,
-                                           guidance_scale=self.cfg.eval.guidance_scale, height=size, width=size)[0]
-            crops = [crop.resize((size, size)) for crop in example.subject_images()]
-            rows.append([*crops, draw_boxes(image, example.boxes, example.phrases)])
+        try:
+            for index, example in enumerate(self.examples):
+                image = self.pipeline.generate(example.caption, example.subject_images(), example.boxes,
+                                               example.phrases, seed=self.cfg.train.seed + index,
+                                               num_inference_steps=self.cfg.eval.num_inference_steps,
+                                               guidance_scale=self.cfg.eval.guidance_scale, height=size, width=size)[0]
+                crops = [crop.resize((size, size)) for crop in example.subject_images()]
+                rows.append([*crops, draw_boxes(image, example.boxes, example.phrases)])
+        finally:
+            module.adapter.set_scale(1.0)  # training runs the image branch at scale 1; generation used model.scale
         columns = max(len(r) for r in rows)
         grid = Image.new("RGB", (columns * size, len(rows) * size), "white")
         for y, tiles in enumerate(rows):
