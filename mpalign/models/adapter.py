@@ -135,9 +135,10 @@ class MSAdapter(ModelMixin, ConfigMixin):
         if processor.state_hook is not None:
             processor.state_hook.remove()
             processor.state_hook = None
-        block_name = processor_name[: -len(".attn2.processor")]
-        norm3 = getattr(unet.get_submodule(block_name), "norm3", None) if processor_name.endswith(".attn2.processor") \
-            else None
+        suffix = ".attn2.processor"
+        if not processor_name.endswith(suffix):
+            return
+        norm3 = getattr(unet.get_submodule(processor_name[: -len(suffix)]), "norm3", None)
         if norm3 is not None:
             processor.state_hook = norm3.register_forward_pre_hook(
                 lambda _module, args: processor.record_block_state(args[0]))

@@ -280,8 +280,8 @@ class MultiSubjectAttnProcessor(nn.Module):
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if record and recorder.cross_feature == "attn2_output":
             recorder.record_cross(self.block, pool_regions(hidden_states, masks.regions))
-        if record and recorder.cross_feature == "hidden_state":  # pooled after closing too: checkpointing re-runs
-            # must save the same tensors as the forward
+        if record and recorder.cross_feature == "hidden_state":
+            # handed over after the recorder is closed too: checkpointing re-runs must save what the forward saved
             if self.state_hook is None:
                 raise ValueError(f"the hidden_state tap of {self.block or 'this layer'} needs the hook MSAdapter.attach "
                                  "installs on its transformer block's norm3")
