@@ -95,7 +95,8 @@ def build_sdxl_module(cfg: Config, device: torch.device, dtype: torch.dtype) -> 
     with torch.device(device):
         adapter = MSAdapter.for_unet(unet, cfg.model, CLIP_VISION_HIDDEN, TEXT_HIDDEN[0])
         projectors = AlignmentProjectors.for_unet(unet, cfg.model.align_blocks, DINOV2_HIDDEN,
-                                                  cfg.model.projector_hidden_dim, cfg.model.projector_dropout)
+                                                  cfg.model.projector_hidden_dim, cfg.model.projector_dropout,
+                                                  cfg.model.align_cross_feature)
     return MPAlignTrainingModule(cfg, sdxl, zoo.EncoderWithProcessor(vision, None),
                                  zoo.EncoderWithProcessor(dinov2, None), adapter.float(), projectors.float())
 
@@ -125,6 +126,7 @@ def cached_batch(module: MPAlignTrainingModule, batch_size: int, resolution: int
         "boxes": boxes * mask[..., None], "subject_mask": mask,
         "dino_cls": randn(batch_size, subjects, dino), "dino_patch_pooled": randn(batch_size, dino),
         "dino_ref_patch_pooled": randn(batch_size, subjects, dino),
+        "dino_ref_image_patch_pooled": randn(batch_size, dino),
         "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch_size,
                                  dtype=torch.float32),
     }

@@ -107,6 +107,10 @@ class DataConfig:
     # this uses its own crop instead (MS-Diffusion appendix A: unmatched subjects fall back to the target)
     match_min_similarity: float = 0.5
     crop_size: int = 64  # side of a stored reference crop
+    # How a reference crop is cut: "release" (MS-Diffusion's data generator, whose checkpoint we fine-tune: pixels
+    # outside the SAM mask black, the box cut out and stretched to crop_size², aspect not kept) or "white_square"
+    # (pixels outside the mask white, the box grown to a square around its centre so the subject keeps its shape)
+    crop_style: str = "release"
     cache_dinov2: bool = True
     cache_dinov2_patch_grid: bool = False
     cache_clip: bool = True
@@ -157,7 +161,14 @@ class ModelConfig:
     scale: float = 0.6
     # dual alignment
     align_blocks: list[str] = field(default_factory=lambda: ["down", "mid"])
-    align_self_target: str = "target"  # "target": DINOv2 patches of the target image; "reference": of the crops
+    # What L_cross pools over each subject's box of a tapped attn2 layer: "hidden_state" (the transformer block's
+    # hidden state right after attn2: the diffusion feature, it moves with x_t and t), "attn2_output" (the layer's
+    # output alone, after to_out) or "image_branch" (the masked image branch before to_out, the first
+    # implementation: nearly a function of the reference crop alone). The last two are ablations (docs/model.md).
+    align_cross_feature: str = "hidden_state"
+    # What L_self aligns to: "reference_image" (the paper, sections 3.3.2 and 4.5: the whole frame the references
+    # come from, through DINOv2), "target" (the target image) or "reference" (the reference crops)
+    align_self_target: str = "reference_image"
     projector_hidden_dim: int = 2048
     projector_dropout: float = 0.0
 
@@ -171,6 +182,10 @@ class TrainConfig:
     lr_scheduler: str = "constant"  # any diffusers.optimization schedule name (constant, cosine, linear, ...)
     lr_warmup_steps: int = 0  # of the learning rate; the alignment warm-up is warmup_steps below
     weight_decay: float = 0.01
+    # "adamw" (torch, fp32 states), "adamw_fused" (torch's fused kernel: one launch per step instead of one per
+    # tensor) or "adamw_8bit" (bitsandbytes' 8-bit states, a quarter of the optimizer memory; pip install
+    # 'mpalign[bnb]'). A DeepSpeed config with its own "optimizer" section overrides it.
+    optimizer: str = "adamw"
     max_grad_norm: float = 1.0
     grad_accum_steps: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
@@ -181,6 +196,9 @@ class TrainConfig:
     lambda_self: float = 1.0
     attn_loss_weight: float = 0.0  # MS-Diffusion image attention loss (appendix G)
     disentangle_weight: float = 0.0  # MOSAIC-style symmetric-KL disentanglement (maximised)
+    # The target's latents each step: "sample" (a fresh draw from the VAE posterior, as the release's training
+    # script does; the dataset caches the posterior mean and std) or "mean" (the posterior mean every time)
+    vae_latents: str = "sample"
     drop_text_prob: float = 0.05
     drop_image_prob: float = 0.05
     drop_both_prob: float = 0.05
@@ -402,7 +420,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.resampler_dim": _at_least(1), "model.resampler_depth": _at_least(1), "model.resampler_heads": _at_least(1),
     "model.resampler_dim_head": _at_least(1), "model.resampler_ff_mult": _at_least(1),
     "model.fourier_freqs": _at_least(1), "model.grounding_drop_prob": _fraction(),
-    "model.align_blocks": _one_of(*ALIGN_BLOCKS), "model.align_self_target": _one_of("target", "reference"),
+    "model.align_blocks": _one_of(*ALIGN_BLOCKS), "model.align_self_target": _one_of("target", "reference", "reference_image"),
     "model.projector_hidden_dim": _at_least(1), "model.projector_dropout": _fraction(),
     # train.max_steps, batch_size, grad_accum_steps, num_workers, log_every, checkpoint_every, ema_decay and the
     # tune.scheduler / mode / alpha_search / num_samples / max_concurrent_trials are checked by

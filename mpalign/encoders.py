@@ -118,10 +118,20 @@ def images_to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def vae_posterior(sdxl: SDXLComponents, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled mean and standard deviation of the VAE posterior of (N, 3, H, W) pixels in [-1, 1]: a sample is
+    ``mean + std * noise``, what ``latent_dist.sample()`` draws, scaled like the latents."""
+    device, dtype = _device_dtype(sdxl.vae)
+    dist = sdxl.vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
+    scale = sdxl.vae.config.scaling_factor
+    return dist.mean * scale, dist.std * scale
+
+
+@torch.no_grad()
 def vae_latents(sdxl: SDXLComponents, pixels: torch.Tensor, generator: torch.Generator | None = None,
                 sample: bool = False) -> torch.Tensor:
     """Scaled VAE latents of (N, 3, H, W) pixels in [-1, 1]: the mean of the posterior unless ``sample``."""
-    device, dtype = _device_dtype(sdxl.vae)
-    dist = sdxl.vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
-    latents = dist.sample(generator) if sample else dist.mean
-    return latents * sdxl.vae.config.scaling_factor
+    mean, std = vae_posterior(sdxl, pixels)
+    if not sample:
+        return mean
+    return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)

@@ -112,14 +112,19 @@ class MPAlignPipeline:
     ``StableDiffusionXLPipeline`` (``StableDiffusionXLControlNetPipeline`` with a ControlNet)."""
 
     def __init__(self, sdxl: zoo.SDXLComponents, image_encoder: zoo.EncoderWithProcessor, adapter: MSAdapter,
-                 scale: float = 0.6, controlnet=None):
+                 scale: float = 0.6, controlnet=None, attached: bool = False):
+        """``attached``: the adapter is already attached to ``sdxl.unet`` (the training module's, shared by the
+        validation grid) and is used as it is: not cast, frozen or re-attached."""
         self.sdxl = sdxl
         self.image_encoder = image_encoder
         unet = sdxl.unet
         adapter.check_compatible(unet, image_encoder.model.config.hidden_size, sdxl.text_encoder.config.hidden_size)
-        self.adapter = place(adapter, unet.device, unet.dtype).eval().requires_grad_(False)
-        unet.requires_grad_(False)
-        adapter.attach(unet, scale)
+        if attached:
+            self.adapter = adapter
+        else:
+            self.adapter = place(adapter, unet.device, unet.dtype).eval().requires_grad_(False)
+            unet.requires_grad_(False)
+            adapter.attach(unet, scale)
         self.scale = scale
         self.controlnet = controlnet
         if controlnet is None:

@@ -31,6 +31,7 @@ import torch
 
 from mpalign.cli import UserInputError, check_writable, run_cli
 from mpalign.config import Config, ConfigError, add_config_args, config_from_args, config_from_dict, shipped_config
+from mpalign.models.alignment import check_alignment_config
 from mpalign.storage import check_storage, is_remote, remove_tree
 from mpalign.training.checkpoint import (
     ADAPTER_DIR,
@@ -53,9 +54,9 @@ from mpalign.training.step import (
     unwrap,
 )
 from mpalign.training.validation import (
-    AdapterPipeline,
     ValidationExample,
     ValidationGrid,
+    module_generation,
     save_grid,
     validation_metrics,
 )
@@ -113,6 +114,7 @@ def _resolve_paths(cfg: Config) -> Config:
 def check_config(cfg: Config) -> None:
     """Every user mistake that can be found before Ray starts."""
     check_train_config(cfg.train)
+    check_alignment_config(cfg.model)
     check_logger(cfg.train.logger)
     if cfg.train.strategy == "deepspeed":
         try:
@@ -200,6 +202,16 @@ def load_datasets(cfg: Config) -> dict[str, Any]:
     return {"train": train.randomize_block_order(seed=cfg.train.seed), "val": val}
 
 
+def dataset_columns(cfg: Config) -> list[str]:
+    """The columns of the built dataset's samples (from the Parquet footers): which encodings it caches."""
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    uri = dataset_samples_uri(cfg)
+    filesystem, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    return pads.dataset(path, filesystem=filesystem, format="parquet").schema.names
+
+
 def _stored_bytes(uri: str) -> int:
     import pyarrow.fs as pafs
 
@@ -267,6 +279,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
                                                  else 0),
             "crash": _crash_hook(),
             "fidelity": _fidelity_spec(cfg, datasets["val"]) if fidelity else None,
+            "dataset_columns": dataset_columns(cfg),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                                resources_per_worker=resources),
@@ -371,7 +384,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
     seed_everything(train.seed + rank)
 
-    module = MPAlignTrainingModule.from_config(cfg, device=device)
+    # Frozen encoders whose outputs the dataset caches are not kept; the validation grid needs the VAE, text and
+    # image encoders. Every rank loads the same set: DDP broadcasts rank 0's module state to the others.
+    module = MPAlignTrainingModule.from_config(cfg, device=device, cached_keys=loop_config["dataset_columns"],
+                                               generation=bool(loop_config["val_examples"] or loop_config["fidelity"]))
     if train.gradient_checkpointing:
         module.enable_gradient_checkpointing()
     module.train()
@@ -397,9 +413,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if not val_batches:
             logger.warning("the dataset has no val rows: validation is skipped")
     val_examples = [ValidationExample(**e) for e in loop_config["val_examples"]]
-    pipelines = AdapterPipeline(cfg, device)
-    grid = ValidationGrid(cfg, val_examples, pipelines) if rank == 0 and val_examples else None
-    fidelity = _fidelity_evaluation(cfg, loop_config["fidelity"], pipelines, device) if rank == 0 else None
+    grid = ValidationGrid(cfg, val_examples) if rank == 0 and val_examples else None
+    fidelity = _fidelity_evaluation(cfg, loop_config["fidelity"], device) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
     reporter = StepReporter(cfg, model, state, rank, world_size, device, metrics_logger, val_batches, grid, fidelity,
                             started)
@@ -440,8 +455,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     metrics_logger.close()
 
 
-def _fidelity_evaluation(cfg: Config, spec: dict[str, Any] | None, pipelines: AdapterPipeline,
-                         device: torch.device) -> Any:
+def _fidelity_evaluation(cfg: Config, spec: dict[str, Any] | None, device: torch.device) -> Any:
     """The trial's fidelity evaluation (rank 0), its held-out requests written under ``<output_dir>/fidelity``."""
     if spec is None:
         return None
@@ -450,7 +464,7 @@ def _fidelity_evaluation(cfg: Config, spec: dict[str, Any] | None, pipelines: Ad
     out_dir = Path(cfg.train.output_dir) / FIDELITY_DIR
     requests = spec["requests"] or example_requests([ValidationExample(**e) for e in spec["examples"]],
                                                     out_dir / "references", cfg.tune.eval_seed)
-    return FidelityEvaluation(cfg, requests, out_dir, pipelines, device)
+    return FidelityEvaluation(cfg, requests, out_dir, device)
 
 
 class StepReporter:
@@ -502,14 +516,14 @@ class StepReporter:
         module, step = unwrap(self.model), self.state.step
         metrics = validation_metrics(module, self.val_batches, step, seed=self.cfg.train.seed, device=self.device)
         if self.grid is not None or self.fidelity is not None:
-            with tempfile.TemporaryDirectory(prefix="mpalign-val-") as directory, ema_weights(module, self.state.ema):
-                adapter_dir = module.save_adapter(directory)
+            # generation with the training module's own models and adapter (EMA weights swapped in when on)
+            with ema_weights(module, self.state.ema), module_generation(module) as pipeline:
                 if self.grid is not None:
-                    image = self.grid.render(adapter_dir)
+                    image = self.grid.render(pipeline)
                     save_grid(image, Path(self.cfg.train.output_dir) / "validation", step)
                     self.metrics_logger.log_image("val/generations", image, step)
                 if self.fidelity is not None:
-                    metrics.update(self.fidelity(adapter_dir, step))
+                    metrics.update(self.fidelity(pipeline, step))
         if self.fidelity is not None:
             from mpalign.eval.fidelity import objective
 

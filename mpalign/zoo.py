@@ -193,7 +193,7 @@ def load_sdxl_tokenizers(cfg: ModelConfig) -> tuple[Any, Any]:
 
 
 def _load_sdxl_parts(cfg: ModelConfig, dtype: str | torch.dtype | None, device: str | None,
-                     with_unet: bool) -> SDXLComponents:
+                     with_unet: bool, with_vae: bool = True, with_text_encoders: bool = True) -> SDXLComponents:
     _check_preset(cfg)
     if cfg.preset == "tiny":
         parts = _tiny_sdxl(cfg.seed)  # the tiny UNet costs nothing to build; dropped below when not wanted
@@ -205,9 +205,11 @@ def _load_sdxl_parts(cfg: ModelConfig, dtype: str | torch.dtype | None, device: 
         tokenizer, tokenizer_2 = load_sdxl_tokenizers(cfg)
         parts = SDXLComponents(
             unet=_pretrained(UNet2DConditionModel, name, "SDXL UNet", subfolder="unet") if with_unet else None,
-            vae=_pretrained(AutoencoderKL, name, "SDXL VAE", subfolder="vae"),
-            text_encoder=_pretrained(CLIPTextModel, name, "SDXL text encoder", subfolder="text_encoder"),
-            text_encoder_2=_pretrained(CLIPTextModelWithProjection, name, "SDXL text encoder 2", subfolder="text_encoder_2"),
+            vae=_pretrained(AutoencoderKL, name, "SDXL VAE", subfolder="vae") if with_vae else None,
+            text_encoder=(_pretrained(CLIPTextModel, name, "SDXL text encoder", subfolder="text_encoder")
+                          if with_text_encoders else None),
+            text_encoder_2=(_pretrained(CLIPTextModelWithProjection, name, "SDXL text encoder 2",
+                                        subfolder="text_encoder_2") if with_text_encoders else None),
             tokenizer=tokenizer,
             tokenizer_2=tokenizer_2,
             scheduler=(_pretrained(EulerDiscreteScheduler, name, "SDXL noise scheduler", subfolder="scheduler")
@@ -215,23 +217,29 @@ def _load_sdxl_parts(cfg: ModelConfig, dtype: str | torch.dtype | None, device: 
         )
     if not with_unet:
         parts.unet, parts.scheduler = None, None
+    if not with_vae:
+        parts.vae = None
+    if not with_text_encoders:
+        parts.text_encoder, parts.text_encoder_2 = None, None
     for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
         if module is not None:
             _place(module, cfg, dtype, device).requires_grad_(False)
     return parts
 
 
-def load_sdxl(cfg: ModelConfig, dtype: str | torch.dtype | None = None, device: str | None = None) -> SDXLComponents:
+def load_sdxl(cfg: ModelConfig, dtype: str | torch.dtype | None = None, device: str | None = None,
+              vae: bool = True, text_encoders: bool = True) -> SDXLComponents:
     """The SDXL parts: from a diffusers repo id / folder (subfolders unet, vae, text_encoder, ...), the toy preset's
-    folder, or the tiny preset."""
-    return _load_sdxl_parts(cfg, dtype, device, with_unet=True)
+    folder, or the tiny preset. ``vae`` / ``text_encoders`` False leave those parts None (training on a dataset that
+    caches their outputs)."""
+    return _load_sdxl_parts(cfg, dtype, device, with_unet=True, with_vae=vae, with_text_encoders=text_encoders)
 
 
 def load_sdxl_encoders(cfg: ModelConfig, dtype: str | torch.dtype | None = None,
-                       device: str | None = None) -> SDXLComponents:
+                       device: str | None = None, vae: bool = True) -> SDXLComponents:
     """SDXL's VAE, text encoders and tokenizers without the UNet (``unet`` and ``scheduler`` are None): what the
     dataset builder needs to cache latents and text conditioning, at a fraction of the memory."""
-    return _load_sdxl_parts(cfg, dtype, device, with_unet=False)
+    return _load_sdxl_parts(cfg, dtype, device, with_unet=False, with_vae=vae)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -340,6 +348,30 @@ def load_dino_scorer(cfg: ModelConfig, name: str, dtype=None, device=None) -> En
         enc = EncoderWithProcessor(model, _pretrained(AutoImageProcessor, name, "DINO image processor"))
     _place(enc.model, cfg, dtype, device).requires_grad_(False)
     return enc
+
+
+@dataclass
+class EncoderWidths:
+    image_embed: int  # the CLIP image encoder's hidden size (what the resampler reads)
+    phrase: int  # SDXL's first text encoder's hidden size (phrase embeddings)
+    dinov2: int  # DINOv2's hidden size (the alignment targets)
+
+
+def encoder_widths(cfg: ModelConfig) -> EncoderWidths:
+    """The widths the adapter and projectors are sized by, from the models' configs alone (no weights loaded)."""
+    _check_preset(cfg)
+    if cfg.preset == "tiny":
+        return EncoderWidths(_tiny_clip_vision(cfg.seed + 10).model.config.hidden_size, TINY_TEXT_HIDDEN[0],
+                             _tiny_dinov2(cfg.seed + 20).model.config.hidden_size)
+    from transformers import CLIPTextConfig, CLIPVisionConfig, Dinov2Config
+
+    sub = {"subfolder": cfg.image_encoder_subfolder} if cfg.image_encoder_subfolder and cfg.preset != "toy" else {}
+    return EncoderWidths(
+        _pretrained(CLIPVisionConfig, _source(cfg, "image_encoder", cfg.image_encoder), "CLIP image encoder config",
+                    **sub).hidden_size,
+        _pretrained(CLIPTextConfig, _source(cfg, "sdxl", cfg.sdxl), "SDXL text encoder config",
+                    subfolder="text_encoder").hidden_size,
+        _pretrained(Dinov2Config, _source(cfg, "dinov2", cfg.dinov2), "DINOv2 config").hidden_size)
 
 
 # --------------------------------------------------------------------------------------------------------------------

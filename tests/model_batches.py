@@ -79,8 +79,9 @@ def build_batch(module, examples: list[Example], cached: bool = True, image_size
         dino_ref.append(_pad([patches.mean(1)], num_subjects))
     batch["dino_cls"], batch["dino_ref_patch_pooled"] = torch.stack(dino_cls), torch.stack(dino_ref)
     batch["dino_patch_pooled"] = encoders.dinov2_features(module.dinov2, images)[1].mean(1)
+    batch["dino_ref_image_patch_pooled"] = batch["dino_patch_pooled"]  # still images: their own reference frames
     if cached:
-        batch["latents"] = encoders.vae_latents(sdxl, pixel_values)
+        batch["latents"], batch["latents_std"] = encoders.vae_posterior(sdxl, pixel_values)
         batch["prompt_embeds"], batch["pooled_prompt_embeds"] = encoders.encode_prompts(sdxl, [e.caption for e in examples])
         batch["phrase_embeds"] = torch.stack([_pad([encoders.encode_phrases(sdxl, e.phrases)], num_subjects)
                                               for e in examples])

@@ -173,6 +173,12 @@ def test_frame_pairs_take_references_from_the_other_frame(built):
                 assert sim == 1.0  # fallback: the target's own crop
             else:
                 assert ref_box in rows[ref_id]["boxes"] and sim >= built["cfg"].data.match_min_similarity
+        # L_self's reference-image target: the whole frame the references were cut from
+        frame = next((i for i in r["reference_ids"] if i != r["id"]), r["id"])
+        assert r["dino_ref_image_patch_pooled"] == rows[frame]["dino_patch_pooled"]
+    for r in rows.values():
+        if r["video_id"] is None:
+            assert r["dino_ref_image_patch_pooled"] == r["dino_patch_pooled"]
     assert any(set(r["reference_ids"]) & {o for o in rows if o != r["id"]} for r in pairs)
     assert rows["img-real-0"]["split"] == rows["img-real-1"]["split"]  # a clip never straddles splits
     assert built["stats"]["frame_pairs"]["pair_samples"] == len(pairs)

@@ -18,7 +18,7 @@ from mpalign.data.images import RejectRecord, decode_image
 from mpalign.data.pairs import match_subjects, reference_frames
 from mpalign.data.records import assign_shards, read_records, split_of
 from mpalign.data.schema import decode_png
-from mpalign.data.segmentation import BACKGROUND_FILL, background_filled_crop, clean_mask
+from mpalign.data.segmentation import BACKGROUND_FILL, background_filled_crop, clean_mask, reference_crop
 from mpalign.data.stages import STAGE_NAMES, WORK_SCHEMA, DecodeStage, DetectStage, Stage
 
 # --- Hungarian matching -----------------------------------------------------------------------------------------
@@ -189,6 +189,22 @@ def test_background_filled_crop_keeps_only_the_masked_subject():
     # a 40x20 box padded to a square: subject band in the middle, background fill above and below
     assert (crop[0] == BACKGROUND_FILL).all() and (crop[-1] == BACKGROUND_FILL).all()
     assert np.abs(crop[16].astype(int) - (200, 10, 10)).max() < 20
+
+
+def test_release_crop_blacks_out_the_background_and_stretches_the_box():
+    image = np.full((100, 100, 3), 90, np.uint8)  # grey background inside the box too
+    image[20:40, 30:50] = (200, 10, 10)
+    mask = np.zeros((100, 100), bool)
+    mask[20:40, 30:50] = True  # the left half of a 40x20 box
+    crop = reference_crop(image, mask, (0.3, 0.2, 0.7, 0.4), 32, "release")
+    assert crop.shape == (32, 32, 3)
+    # the 40x20 box fills the whole square (stretched, no padding): subject on the left, black on the right
+    assert np.abs(crop[:, :14].astype(int) - (200, 10, 10)).max() < 20
+    assert (crop[:, 18:] == 0).all()
+    square = reference_crop(image, mask, (0.3, 0.2, 0.7, 0.4), 32, "white_square")
+    assert np.array_equal(square, background_filled_crop(image, mask, (0.3, 0.2, 0.7, 0.4), 32))
+    with pytest.raises(ValueError, match="crop_style"):
+        reference_crop(image, mask, (0.3, 0.2, 0.7, 0.4), 32, "grey")
 
 
 def test_failed_sam_masks_fall_back_to_the_box():

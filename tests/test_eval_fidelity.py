@@ -14,7 +14,7 @@ from mpalign.config import ModelConfig, load_config
 from mpalign.eval.fidelity import REPORTED, FidelityEvaluation, benchmark_requests, example_requests
 from mpalign.eval.scoring import Scorers, generate_rows
 from mpalign.pipeline import MPAlignPipeline
-from mpalign.training.validation import AdapterPipeline, ValidationExample
+from mpalign.training.validation import ValidationExample
 from mpalign.zoo import load_dino_scorer
 
 
@@ -43,11 +43,11 @@ def test_fixed_seeds_give_the_same_score_twice(adapters, tmp_path):
                 ValidationExample("a checked tile", ["checked tile"], [[0.2, 0.2, 0.8, 0.9]], [png(subject_image(2))])]
     requests = example_requests(examples, tmp_path / "references", seed=cfg.tune.eval_seed)
     assert [len(r["references"]) for r in requests] == [2, 1]
-    evaluation = FidelityEvaluation(cfg, requests, tmp_path / "fidelity", AdapterPipeline(cfg, torch.device("cpu")),
-                                    torch.device("cpu"))
-    first = evaluation(adapters[0], step=1)
-    other = evaluation(adapters[1], step=2)
-    again = evaluation(adapters[0], step=3)  # the pipeline has had the other adapter in between
+    evaluation = FidelityEvaluation(cfg, requests, tmp_path / "fidelity", torch.device("cpu"))
+    pipelines = [MPAlignPipeline.from_config(cfg, adapter_dir=folder) for folder in adapters]
+    first = evaluation(pipelines[0], step=1)
+    other = evaluation(pipelines[1], step=2)
+    again = evaluation(pipelines[0], step=3)  # the scorers have seen the other adapter's images in between
     scores = [f"eval_{name}" for name in REPORTED]
     assert {k: first[k] for k in scores} == {k: again[k] for k in scores}
     assert all(first[k] != other[k] for k in ("eval_dino", "eval_clip_i"))

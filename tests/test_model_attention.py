@@ -8,7 +8,7 @@ import torch
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 
 from mpalign.models.adapter import MSAdapter
-from mpalign.models.attention import AlignmentRecorder, AutoLayout, box_cell_masks, latent_grid
+from mpalign.models.attention import AlignmentRecorder, AutoLayout, box_cell_masks, latent_grid, pool_regions
 
 WIDTH, TOKEN_DIM, HEADS, SIDE, TEXT = 32, 64, 2, 8, 7
 SUBJECTS, TOKENS, DUMMY = 3, 4, 2
@@ -244,11 +244,12 @@ def test_float32_and_bfloat16_agree(setup):
 
 
 @torch.no_grad()
-def test_recorder_pools_the_image_branch_over_each_box(setup):
+def test_recorder_pools_the_chosen_cross_feature_over_each_box(setup):
     adapter, attn, inputs = setup
-    adapter.ip_layers[0].block = "down_blocks.1"
-    recorder = AlignmentRecorder(blocks=("down",), features=True, attention_maps=True)
-    run(adapter, attn, inputs, ms_recorder=recorder)
+    processor = adapter.ip_layers[0]
+    processor.block = "down_blocks.1"
+    recorder = AlignmentRecorder(blocks=("down",), features=True, attention_maps=True, cross_feature="attn2_output")
+    out = run(adapter, attn, inputs, ms_recorder=recorder)
     recorder.close()
     run(adapter, attn, inputs, ms_recorder=recorder)  # a re-run after closing (checkpointing) records nothing
     assert len(recorder.cross) == 1 and len(recorder.maps) == 1
@@ -258,9 +259,27 @@ def test_recorder_pools_the_image_branch_over_each_box(setup):
     assert maps.shape == regions.shape == (2, SUBJECTS, SIDE * SIDE)
     assert torch.equal(regions[0, 1], cells(BOXES[0, 1].tolist()))
     assert (maps >= 0).all() and (maps.sum(1) <= 1 + 1e-5).all()
+    # attn2_output: the layer's whole output (text + image branch, after to_out) averaged over each box
+    torch.testing.assert_close(pooled, pool_regions(out, regions))
+    # image_branch (the ablation, the first implementation): the masked image branch before to_out, i.e. what the
+    # branch adds to the output, read back through to_out's linear map
+    ablation = AlignmentRecorder(blocks=("down",), cross_feature="image_branch")
+    with_branch = run(adapter, attn, inputs, ms_recorder=ablation)
+    processor.scale = 0.0
+    try:
+        without_branch = run(adapter, attn, inputs)
+    finally:
+        processor.scale = 1.0
+    image_pooled = ablation.cross[0][1]
+    assert image_pooled.shape == (2, SUBJECTS, attn.to_k.out_features)
+    torch.testing.assert_close(image_pooled @ attn.to_out[0].weight.T, pool_regions(with_branch - without_branch, regions),
+                               rtol=1e-4, atol=1e-5)
     untapped = AlignmentRecorder(blocks=("up",))
     run(adapter, attn, inputs, ms_recorder=untapped)
     assert not untapped.cross and not untapped.maps
+    # the hidden-state tap reads the transformer block's residual stream: a bare layer has none to give
+    with pytest.raises(ValueError, match="hidden_state"):
+        run(adapter, attn, inputs, ms_recorder=AlignmentRecorder(blocks=("down",)))
 
 
 @torch.no_grad()

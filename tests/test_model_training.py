@@ -3,6 +3,7 @@ the alpha schedule, determinism of validation losses, adapter persistence."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -18,6 +19,7 @@ from mpalign.models.alignment import (
     disentanglement_loss,
     self_alignment_loss,
 )
+from mpalign.models.attention import AlignmentRecorder
 from mpalign.models.training_module import MPAlignTrainingModule, diffusion_target
 
 
@@ -227,3 +229,120 @@ def test_up_blocks_can_be_tapped(batches):
     module = MPAlignTrainingModule.from_config(load_config(overrides=["model.align_blocks=[up]"]))
     assert set(module.projectors.cross) == {"up_blocks_0", "up_blocks_1"}
     assert float(module.validation_losses(batches[0], step=100)["cross"]) > 0
+
+
+def pooled_cross_features(module: MPAlignTrainingModule, batch, latents: torch.Tensor, t: int,
+                          feature: str) -> list[torch.Tensor]:
+    recorder = AlignmentRecorder(blocks=("down", "mid"), cross_feature=feature)
+    with torch.no_grad():
+        module.denoise(module.prepare_conditions(batch), latents, torch.full((latents.shape[0],), t), recorder)
+    return [pooled for _, pooled in recorder.cross]
+
+
+@pytest.mark.parametrize("feature", ["hidden_state", "image_branch"])
+def test_cross_feature_follows_the_noisy_latents_unless_the_ablation_is_chosen(module, batches, feature):
+    """L_cross must align a diffusion feature: pure noise at t = 999 and a zero latent at t = 1 have to give clearly
+    different pooled features. The image branch alone (the first implementation, kept as an ablation) barely moves:
+    it is nearly a function of the reference crop."""
+    batch = batches[0]
+    noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(0))
+    noisy = pooled_cross_features(module, batch, noise, 999, feature)
+    clean = pooled_cross_features(module, batch, torch.zeros_like(noise), 1, feature)
+    real = batch["subject_mask"]
+    cosines = torch.stack([torch.nn.functional.cosine_similarity(a, b, dim=-1)[real].mean() for a, b in zip(noisy, clean)])
+    assert len(cosines) == 3  # down_blocks.1, down_blocks.2, mid_block of the tiny UNet
+    if feature == "hidden_state":
+        assert float(cosines.max()) < 0.9, cosines
+    else:
+        assert float(cosines.min()) > 0.97, cosines
+
+
+def test_every_self_tap_passes_gradient_to_the_adapter(module, batches):
+    """The first attn1 layer runs before any adapter weight: tapped, it would train only its projector. It is not
+    tapped (the tiny UNet's down_blocks.1 has one transformer layer, so that block has no self projector at all)."""
+    assert set(module.projectors.self_attn) == {"down_blocks_2", "mid_block"}
+    cond = module.prepare_conditions(batches[0])
+    latents = cond["latents"]
+    t = torch.full((latents.shape[0],), 500)
+    recorder = AlignmentRecorder(blocks=("down", "mid"))
+    module.denoise(cond, latents + torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)), t, recorder)
+    assert [block for block, _ in recorder.self_attn] == ["down_blocks.2", "mid_block"]
+    params = list(module.adapter.parameters())
+    for block, pooled in recorder.self_attn:
+        loss, _ = cosine_alignment(module.projectors.project_self(block, pooled), cond["dino_ref_image_patch_pooled"],
+                                   torch.ones(latents.shape[0]))
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        assert sum(float(g.norm()) for g in grads if g is not None) > 0, block
+
+
+def test_training_draws_latents_from_the_cached_posterior(module, batches, monkeypatch):
+    """train.vae_latents=sample (the release: latent_dist.sample()) draws mean + std * noise each training step; the
+    posterior mean is used in eval and with train.vae_latents=mean."""
+    cached = batches[0]
+    module.train()
+
+    def diffusion(batch) -> float:
+        with torch.no_grad():
+            return float(module(batch, step=0, generator=torch.Generator().manual_seed(3))["diffusion"])
+
+    sampled = diffusion(cached)
+    assert sampled == diffusion(cached)  # same generator, same draw
+    without_spread = diffusion({**cached, "latents_std": torch.zeros_like(cached["latents_std"])})
+    monkeypatch.setattr(module.cfg.train, "vae_latents", "mean")
+    assert diffusion(cached) == without_spread != sampled
+    monkeypatch.setattr(module.cfg.train, "vae_latents", "sample")
+    with pytest.raises(ValueError, match="latents_std"):
+        diffusion({k: v for k, v in cached.items() if k != "latents_std"})
+
+
+def test_cached_encodings_leave_the_frozen_encoders_unloaded(module, batches, monkeypatch):
+    """With every encoding cached, training keeps only the UNet: no VAE, text encoders, CLIP image encoder or DINOv2
+    (DINOv2 is never even loaded; the text and image encoders only for the null conditions), and the losses are
+    those of the fully loaded module."""
+    from mpalign import zoo
+    from mpalign.batch import ALWAYS_KEYS, CACHED_KEYS
+    from mpalign.models.training_module import encoders_to_load
+
+    def no_dinov2(*args, **kwargs):
+        raise AssertionError("DINOv2 loaded although the dataset caches its features")
+
+    monkeypatch.setattr(zoo, "load_dinov2", no_dinov2)
+    cached = {*CACHED_KEYS, *ALWAYS_KEYS}
+    assert encoders_to_load(cached) == set()
+    assert encoders_to_load(cached, generation=True) == {"vae", "text_encoders", "image_encoder"}
+    assert encoders_to_load(cached - {"clip_hidden"}) == {"image_encoder"}
+    lean = MPAlignTrainingModule.from_config(module.cfg, cached_keys=cached)
+    assert lean.image_encoder is None and lean.dinov2 is None
+    assert lean.sdxl.vae is None and lean.sdxl.text_encoder is None and lean.sdxl.text_encoder_2 is None
+    assert list(lean.frozen) == [lean.unet]
+    for name in ("empty_prompt_embeds", "empty_pooled_prompt_embeds", "null_clip_hidden"):
+        torch.testing.assert_close(getattr(lean, name), getattr(module, name))
+    torch.testing.assert_close(lean.validation_losses(batches[0], step=10), module.validation_losses(batches[0], step=10))
+    with pytest.raises(ValueError, match="built without the vae"):
+        lean.validation_losses(batches[1], step=10)  # raw pixels need the VAE this module does not hold
+
+
+def test_frozen_weights_take_bf16_under_bf16_autocast():
+    from mpalign.models.training_module import frozen_dtype
+
+    assert frozen_dtype(load_config(overrides=["model.dtype=float16", "train.mixed_precision=bf16"])) == torch.bfloat16
+    assert frozen_dtype(load_config(overrides=["model.dtype=float16", "train.mixed_precision=fp16"])) == torch.float16
+    assert frozen_dtype(load_config(overrides=["model.dtype=float32", "train.mixed_precision=bf16"])) == torch.float32
+
+
+def test_validation_grid_shares_the_training_models(module, batches, examples):
+    from mpalign.data.schema import encode_png
+    from mpalign.training.validation import ValidationExample, ValidationGrid
+
+    example = examples[0]
+    grid = ValidationGrid(module, [ValidationExample(example.caption, example.phrases, example.boxes,
+                                                     [encode_png(np.asarray(c)) for c in example.crops()])])
+    before = module.validation_losses(batches[0], step=10)
+    image = grid.render()
+    size = module.cfg.data.image_size
+    assert image.size == ((len(example.boxes) + 1) * size, size)
+    pipe = grid.pipeline.pipe
+    assert pipe.unet is module.unet and pipe.vae is module.sdxl.vae and grid.pipeline.adapter is module.adapter
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in module.adapter.parameters())
+    assert all(processor.scale == 1.0 for processor in module.adapter.ip_layers)  # training scale restored
+    torch.testing.assert_close(module.validation_losses(batches[0], step=10), before)

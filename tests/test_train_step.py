@@ -193,6 +193,10 @@ def test_deepspeed_config_fills_auto_entries_from_the_train_section():
     (["train.mixed_precision=fp8"], "train.mixed_precision must be one of"),
     (["train.logger=wandb"], "train.logger must be one of"),
     (["train.batch_size=0"], "train.batch_size must be >= 1"),
+    (["train.optimizer=sgd"], "train.optimizer must be one of"),
+    (["train.vae_latents=mode"], "train.vae_latents must be one of"),
+    (["model.align_cross_feature=attn1"], "model.align_cross_feature must be one of"),
+    (["model.align_self_target=crop"], "model.align_self_target must be one of"),
     (["data.path=/nonexistent/dataset"], "no built dataset at '/nonexistent/dataset'"),
 ])
 def test_cli_reports_user_mistakes_in_one_line(overrides, message, capsys):
@@ -217,3 +221,20 @@ def test_deepspeed_strategy_without_deepspeed_installed_is_a_one_line_error(caps
 
     assert run_cli(main, ["--set", "train.strategy=deepspeed"]) == 2
     assert "pip install 'mpalign[deepspeed]'" in capsys.readouterr().err
+
+
+def test_optimizer_choices(shared_module):
+    fused = build_optimizer(shared_module, load_config(overrides=["train.optimizer=adamw_fused"]).train)
+    assert isinstance(fused, torch.optim.AdamW) and fused.param_groups[0]["fused"]
+    plain = build_optimizer(shared_module, shared_module.cfg.train)
+    assert not plain.param_groups[0]["fused"]
+    try:
+        import bitsandbytes
+    except ImportError:
+        from mpalign.config import ConfigError
+
+        with pytest.raises(ConfigError, match=r"pip install 'mpalign\[bnb\]'"):
+            build_optimizer(shared_module, load_config(overrides=["train.optimizer=adamw_8bit"]).train)
+    else:
+        eight_bit = build_optimizer(shared_module, load_config(overrides=["train.optimizer=adamw_8bit"]).train)
+        assert isinstance(eight_bit, bitsandbytes.optim.AdamW8bit)

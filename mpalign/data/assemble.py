@@ -15,7 +15,7 @@ from mpalign.data.schema import REJECT_SCHEMA, pack_array, unpack_array
 _REFERENCE_ARRAYS = ("dino_cls", "dino_ref_patch_pooled", "clip_hidden")
 _TARGET_COLUMNS = ("id", "caption", "phrases", "phrase_char_spans", "phrase_token_positions", "boxes", "box_scores",
                    "image", "original_size", "crop_top_left", "masks", "video_id", "frame_idx", "dino_patch_pooled",
-                   "dino_patch_grid", "latents", "prompt_embeds", "pooled_prompt_embeds", "phrase_embeds")
+                   "dino_patch_grid", "latents", "latents_std", "prompt_embeds", "pooled_prompt_embeds", "phrase_embeds")
 
 
 def safe_reject_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -61,6 +61,9 @@ def sample_row(target: dict[str, Any], reference: dict[str, Any] | None, cfg: Da
         if target.get(name) is not None:
             row[name] = pack_array(np.stack([unpack_array(src[name])[j] for src, j, _ in sources]))
     matched = sum(src is not target for src, _, _ in sources)
+    # L_self's "reference_image" target (MultiPersona-Align 3.3.2): the whole frame the references were cut from,
+    # i.e. the other frame when any subject was matched there, else the target itself (its own crops)
+    row["dino_ref_image_patch_pooled"] = (reference if matched else target)["dino_patch_pooled"]
     return row, matched
 
 

@@ -44,6 +44,7 @@ from mpalign.data.schema import (
     STATS_FILE,
     sample_schema,
 )
+from mpalign.data.segmentation import CROP_STYLES
 from mpalign.data.stages import STAGE_NAMES, WORK_SCHEMA, StageChain
 
 MANIFEST_VERSION = 1
@@ -338,6 +339,8 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
         raise ConfigError(f"unknown executor '{executor}', expected one of {', '.join(EXECUTORS)}")
     if not cfg.data.cache_dinov2:
         raise ConfigError("data.cache_dinov2 must stay true: DINOv2 features are the alignment targets and always cached")
+    if cfg.data.crop_style not in CROP_STYLES:
+        raise ConfigError(f"data.crop_style must be one of {', '.join(CROP_STYLES)}, got '{cfg.data.crop_style}'")
     input_path = Path(input or cfg.data.input or ensure_sample_dataset(cfg.data.sample)).resolve()
     out = Path(output or cfg.data.path).resolve()
     records = read_records(input_path)

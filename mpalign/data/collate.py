@@ -76,7 +76,8 @@ def rows_to_batch(rows: dict[str, Any], cfg: Config) -> dict[str, torch.Tensor]:
         values = _column(rows, name)
         if values is not None:
             batch[name] = _padded([unpack_array(v) for v in values], S)[0]
-    for name in ("dino_patch_pooled", "latents", "prompt_embeds", "pooled_prompt_embeds", "dino_patch_grid"):
+    for name in ("dino_patch_pooled", "dino_ref_image_patch_pooled", "latents", "latents_std", "prompt_embeds",
+                 "pooled_prompt_embeds", "dino_patch_grid"):
         values = _column(rows, name)
         if values is not None:
             batch[name] = torch.from_numpy(np.stack([unpack_array(v) for v in values]).astype(np.float32))

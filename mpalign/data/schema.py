@@ -28,7 +28,7 @@ MANIFEST_FILE = "manifest.json"
 CACHE_COLUMNS = {
     "cache_dinov2_patch_grid": ("dino_patch_grid",),
     "cache_clip": ("clip_hidden",),
-    "cache_vae": ("latents",),
+    "cache_vae": ("latents", "latents_std"),
     "cache_text": ("prompt_embeds", "pooled_prompt_embeds", "phrase_embeds"),
 }
 
@@ -58,9 +58,11 @@ _SAMPLE_FIELDS = [
     ("dino_cls", pa.binary()),
     ("dino_patch_pooled", pa.binary()),
     ("dino_ref_patch_pooled", pa.binary()),
+    ("dino_ref_image_patch_pooled", pa.binary()),
     ("dino_patch_grid", pa.binary()),
     ("clip_hidden", pa.binary()),
     ("latents", pa.binary()),
+    ("latents_std", pa.binary()),
     ("prompt_embeds", pa.binary()),
     ("pooled_prompt_embeds", pa.binary()),
     ("phrase_embeds", pa.binary()),

@@ -1,4 +1,4 @@
-"""Subject masks with SAM (transformers' ``SamModel``) prompted by the boxes, and background-filled reference crops."""
+"""Subject masks with SAM (transformers' ``SamModel``) prompted by the boxes, and the masked reference crops."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from PIL import Image
 
 from mpalign.zoo import EncoderWithProcessor
 
-BACKGROUND_FILL = 255  # references are subjects on white, as MS-Diffusion's examples show them
+BACKGROUND_FILL = 255  # the white_square style: subjects on white, as MS-Diffusion's examples show them
+CROP_STYLES = ("release", "white_square")  # data.crop_style
 # A SAM mask covering less than this share of its box is a failed segmentation; the box itself is the safer mask.
 MIN_MASK_FILL = 0.05
 
@@ -49,6 +50,24 @@ def background_filled_crop(image: np.ndarray, mask: np.ndarray, box: Sequence[fl
     region = np.where(mask[sy0:sy1, sx0:sx1, None], image[sy0:sy1, sx0:sx1], BACKGROUND_FILL)
     canvas[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = region
     return np.asarray(Image.fromarray(canvas).resize((size, size), Image.BICUBIC))
+
+
+def masked_stretched_crop(image: np.ndarray, mask: np.ndarray, box: Sequence[float], size: int) -> np.ndarray:
+    """The release's data generator: pixels outside ``mask`` black (image x mask), the box cut out as it is and
+    resized (bilinear) to ``size``², so a wide subject is squeezed."""
+    height, width = mask.shape
+    x0, y0, x1, y1 = box_to_pixels(box, height, width)
+    region = image[y0:y1, x0:x1] * mask[y0:y1, x0:x1, None].astype(image.dtype)
+    return np.asarray(Image.fromarray(region).resize((size, size), Image.BILINEAR))
+
+
+def reference_crop(image: np.ndarray, mask: np.ndarray, box: Sequence[float], size: int, style: str) -> np.ndarray:
+    """One subject's reference crop in ``data.crop_style``."""
+    if style == "release":
+        return masked_stretched_crop(image, mask, box, size)
+    if style == "white_square":
+        return background_filled_crop(image, mask, box, size)
+    raise ValueError(f"data.crop_style must be one of {list(CROP_STYLES)}, got '{style}'")
 
 
 @torch.no_grad()

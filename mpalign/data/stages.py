@@ -25,7 +25,7 @@ from mpalign.data.detection import annotated_boxes, detect_boxes
 from mpalign.data.images import RejectRecord, decode_image
 from mpalign.data.phrases import NounLexicon, extract_phrases, token_positions, unsupported_language
 from mpalign.data.schema import BOX, decode_png, encode_png, pack_array, unpack_array
-from mpalign.data.segmentation import background_filled_crop, box_mask, segment_boxes
+from mpalign.data.segmentation import box_mask, reference_crop, segment_boxes
 
 STAGE_NAMES = ("decode", "phrases", "detect", "segment", "encode")
 
@@ -42,7 +42,8 @@ WORK_SCHEMA = pa.schema([
     ("boxes", pa.list_(BOX)), ("box_scores", pa.list_(pa.float32())),
     ("masks", pa.list_(pa.binary())), ("crops", pa.list_(pa.binary())),
     ("dino_cls", _ARRAY), ("dino_ref_patch_pooled", _ARRAY), ("dino_patch_pooled", _ARRAY),
-    ("dino_patch_grid", _ARRAY), ("clip_hidden", _ARRAY), ("latents", _ARRAY), ("prompt_embeds", _ARRAY),
+    ("dino_patch_grid", _ARRAY), ("clip_hidden", _ARRAY), ("latents", _ARRAY), ("latents_std", _ARRAY),
+    ("prompt_embeds", _ARRAY),
     ("pooled_prompt_embeds", _ARRAY), ("phrase_embeds", _ARRAY),
     *[(f"t_{name}", pa.float64()) for name in STAGE_NAMES],
 ])
@@ -179,7 +180,7 @@ class DetectStage(Stage):
 
 class SegmentStage(Stage):
     """Subject masks, SAM's prompted by the boxes (``data.masks: sam``) or the boxes themselves (``box``), and the
-    background-filled reference crop of every subject."""
+    masked reference crop of every subject (``data.crop_style``)."""
 
     name = "segment"
 
@@ -197,7 +198,7 @@ class SegmentStage(Stage):
             all_masks = segment_boxes(self.sam, images, [r["boxes"] for r in rows])
         for row, image, masks in zip(rows, images, all_masks):
             row["masks"] = [encode_png(m) for m in masks]
-            row["crops"] = [encode_png(background_filled_crop(image, m, b, self.cfg.data.crop_size))
+            row["crops"] = [encode_png(reference_crop(image, m, b, self.cfg.data.crop_size, self.cfg.data.crop_style))
                             for m, b in zip(masks, row["boxes"])]
 
 
@@ -227,7 +228,7 @@ class EncodeStage(Stage):
             encode_phrases,
             encode_prompts,
             images_to_tensor,
-            vae_latents,
+            vae_posterior,
         )
 
         data = self.cfg.data
@@ -247,8 +248,10 @@ class EncodeStage(Stage):
             hidden = clip_hidden_states(self.clip, crops).float().cpu().numpy().astype(np.float16)
             out["clip_hidden"] = _split(hidden, counts)
         if data.cache_vae:
-            latents = vae_latents(self.sdxl, images_to_tensor(targets, data.image_size))
-            out["latents"] = list(latents.float().cpu().numpy().astype(np.float16))
+            # mean and std of the posterior: training draws a fresh sample each step (train.vae_latents=sample)
+            mean, std = vae_posterior(self.sdxl, images_to_tensor(targets, data.image_size))
+            out["latents"] = list(mean.float().cpu().numpy().astype(np.float16))
+            out["latents_std"] = list(std.float().cpu().numpy().astype(np.float16))
         if data.cache_text:
             prompt, pooled = encode_prompts(self.sdxl, [r["caption"] for r in rows])
             out["prompt_embeds"] = list(prompt.float().cpu().numpy().astype(np.float16))

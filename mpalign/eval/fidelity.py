@@ -24,7 +24,7 @@ import torch
 from mpalign.config import Config, ConfigError
 from mpalign.eval.metrics import known_subject_metrics
 from mpalign.eval.scoring import Scorers, generate_rows, score_rows
-from mpalign.training.validation import AdapterPipeline, ValidationExample
+from mpalign.training.validation import ValidationExample
 
 DIFFUSION = "diffusion"  # the held-out diffusion loss (lower is better); every other objective: higher is better
 FIDELITY_METRICS = ("dino", "m_dino", "clip_i")
@@ -110,18 +110,17 @@ def example_requests(examples: Sequence[ValidationExample], folder: Path, seed: 
 class FidelityEvaluation:
     """Generates the held-out requests with an adapter and scores them; the scorers load on first use."""
 
-    def __init__(self, cfg: Config, requests: list[dict[str, Any]], out_dir: Path, pipelines: AdapterPipeline,
-                 device: torch.device):
+    def __init__(self, cfg: Config, requests: list[dict[str, Any]], out_dir: Path, device: torch.device):
         self.cfg = fidelity_config(cfg)
-        self.requests, self.out_dir, self.pipelines, self.device = requests, out_dir, pipelines, device
+        self.requests, self.out_dir, self.device = requests, out_dir, device
         self.scorers: Scorers | None = None
 
-    def __call__(self, adapter_dir: str | Path, step: int) -> dict[str, float]:
-        """``eval_<metric>`` means over the held-out images and ``eval_seconds``, this evaluation's wall time."""
+    def __call__(self, pipeline: Any, step: int) -> dict[str, float]:
+        """Generate with ``pipeline`` (an ``MPAlignPipeline``; in training ``module_generation``'s) and score:
+        ``eval_<metric>`` means over the held-out images and ``eval_seconds``, this evaluation's wall time."""
         started = time.perf_counter()
         if self.scorers is None:
             self.scorers = Scorers.load(self.cfg, device=self.device)
-        pipeline = self.pipelines.with_adapter(adapter_dir)
         rows = generate_rows(pipeline, self.requests, self.cfg, "trial", self.out_dir / f"step_{step:07d}")
         scored = score_rows(rows, self.scorers)
         names = [*REPORTED, *self.cfg.eval.subject_metrics]

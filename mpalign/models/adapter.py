@@ -32,6 +32,19 @@ def cross_attention_layers(unet) -> list[tuple[str, nn.Module]]:
     return [(name, layer) for name, layer in unet_attention_layers(unet) if layer.is_cross_attention]
 
 
+def adapter_free_self_layers(unet) -> set[str]:
+    """Processor names of the self-attention layers that run before any cross-attention layer (the first attn1 of
+    SDXL's first attention block): no adapter weight reaches their output, so an L_self tap there would train only
+    its projector (measured: exactly zero gradient to the adapter), and they are not tapped. ``attn_processors``
+    lists the down blocks first, in execution order, so these are the self layers listed before the first cross."""
+    names = set()
+    for name, layer in unet_attention_layers(unet):
+        if layer.is_cross_attention:
+            break
+        names.add(name)
+    return names
+
+
 class MSAdapter(ModelMixin, ConfigMixin):
     """Everything MS-Diffusion trains. ``ip_layer_widths`` lists the key/value width of each cross-attention layer
     of the UNet it belongs to, in processor order; :meth:`attach` checks a UNet against it."""
@@ -104,13 +117,15 @@ class MSAdapter(ModelMixin, ConfigMixin):
         self.check_compatible(unet)
         processors = {}
         cross = iter(self.ip_layers)
+        untapped = adapter_free_self_layers(unet)
         for name, layer in unet_attention_layers(unet):
             if layer.is_cross_attention:
                 processor = next(cross)
                 processor.block = block_of(name)
                 processors[name] = processor
+                self._hook_block_state(unet, name, processor)
             else:
-                processors[name] = SelfAttnTapProcessor(block_of(name))
+                processors[name] = SelfAttnTapProcessor(block_of(name), tapped=name not in untapped)
         unet.set_attn_processor(processors)
         self.set_scale(scale)
 
@@ -123,6 +138,21 @@ class MSAdapter(ModelMixin, ConfigMixin):
             name: TextOnlyAttnProcessor(self.num_image_tokens) if layer.is_cross_attention else current[name]
             for name, layer in unet_attention_layers(model)
         })
+
+    @staticmethod
+    def _hook_block_state(unet, processor_name: str, processor: MultiSubjectAttnProcessor) -> None:
+        """Feed the input of the transformer block's ``norm3`` (its hidden state right after attn2) to the
+        processor's hidden-state tap; a block without ``norm3`` gets no hook (that tap then raises)."""
+        if processor.state_hook is not None:
+            processor.state_hook.remove()
+            processor.state_hook = None
+        suffix = ".attn2.processor"
+        if not processor_name.endswith(suffix):
+            return
+        norm3 = getattr(unet.get_submodule(processor_name[: -len(suffix)]), "norm3", None)
+        if norm3 is not None:
+            processor.state_hook = norm3.register_forward_pre_hook(
+                lambda _module, args: processor.record_block_state(args[0]))
 
     def set_scale(self, scale: float) -> None:
         for processor in self.ip_layers:

@@ -1,7 +1,7 @@
 """MultiPersona-Align's dual DINOv2 alignment (paper section 3.3) and the two attention-map extras of the loss zoo.
 
-- ``L_cross``: mean over tapped cross-attention layers and real subjects of 1 - cos(Pi_cross(pooled image-branch
-  output over the subject's box), DINOv2 CLS of the subject's reference crop).
+- ``L_cross``: mean over tapped cross-attention layers and real subjects of 1 - cos(Pi_cross(the layer's output pooled
+  over the subject's box, or the image branch alone as an ablation), DINOv2 CLS of the subject's reference crop).
 - ``L_self``: mean over tapped self-attention layers of 1 - cos(Pi_self(self-attention output pooled over all
   cells), pooled DINOv2 patch tokens of the target image, or of the reference crops).
 - ``L_attn`` (MS-Diffusion appendix G, eq. 7): (1 - attention mass inside the subject's box / total mass)^2.
@@ -19,11 +19,27 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from mpalign.config import TrainConfig
-from mpalign.models.adapter import unet_attention_layers
-from mpalign.models.attention import BLOCK_KINDS, block_kind, block_of
+from mpalign.config import ConfigError, ModelConfig, TrainConfig
+from mpalign.models.adapter import adapter_free_self_layers, unet_attention_layers
+from mpalign.models.attention import BLOCK_KINDS, CROSS_FEATURES, block_kind, block_of
 
 KL_EPS = 1e-8
+# model.align_self_target -> the batch key of L_self's target (see MPAlignTrainingModule.self_target)
+SELF_TARGETS = {"reference_image": "dino_ref_image_patch_pooled", "target": "dino_patch_pooled",
+                "reference": "dino_ref_patch_pooled"}
+
+
+def check_alignment_config(model_cfg: ModelConfig) -> None:
+    """User mistakes in the alignment keys of the ``model`` section, found before any worker starts."""
+    unknown = set(model_cfg.align_blocks) - set(BLOCK_KINDS)
+    if unknown:
+        raise ConfigError(f"model.align_blocks has unknown blocks {sorted(unknown)}; choose from {list(BLOCK_KINDS)}")
+    if model_cfg.align_cross_feature not in CROSS_FEATURES:
+        raise ConfigError(f"model.align_cross_feature must be one of {list(CROSS_FEATURES)}, "
+                          f"got '{model_cfg.align_cross_feature}'")
+    if model_cfg.align_self_target not in SELF_TARGETS:
+        raise ConfigError(f"model.align_self_target must be one of {list(SELF_TARGETS)}, "
+                          f"got '{model_cfg.align_self_target}'")
 
 
 def alpha_at(step: int, train_cfg: TrainConfig) -> float:
@@ -44,31 +60,41 @@ def _key(block: str) -> str:
 class AlignmentProjectors(ModelMixin, ConfigMixin):
     """One cross and one self projector per tapped UNet block (``down_blocks.1``, ``mid_block``, ...): layers of a
     block share width and abstraction level, and one projector per layer would multiply the parameters by the
-    ~10 transformer layers per SDXL block for no stated gain."""
+    ~10 transformer layers per SDXL block for no stated gain. ``cross_feature`` records which cross feature
+    (``CROSS_FEATURES``) the cross projectors were trained on; folders written before it existed used the image
+    branch, hence that default."""
 
     @register_to_config
     def __init__(self, cross_widths: dict[str, int], self_widths: dict[str, int], out_dim: int, hidden_dim: int = 2048,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, cross_feature: str = "image_branch"):
         super().__init__()
         self.cross = nn.ModuleDict({_key(b): projector(w, hidden_dim, out_dim, dropout) for b, w in cross_widths.items()})
         self.self_attn = nn.ModuleDict({_key(b): projector(w, hidden_dim, out_dim, dropout)
                                         for b, w in self_widths.items()})
 
     @classmethod
-    def for_unet(cls, unet, blocks: list[str], out_dim: int, hidden_dim: int, dropout: float) -> AlignmentProjectors:
+    def for_unet(cls, unet, blocks: list[str], out_dim: int, hidden_dim: int, dropout: float,
+                 cross_feature: str = "hidden_state") -> AlignmentProjectors:
         unknown = set(blocks) - set(BLOCK_KINDS)
         if unknown:
             raise ValueError(f"model.align_blocks has unknown blocks {sorted(unknown)}; choose from {list(BLOCK_KINDS)}")
+        if cross_feature not in CROSS_FEATURES:
+            raise ValueError(f"model.align_cross_feature must be one of {list(CROSS_FEATURES)}, got '{cross_feature}'")
         cross, self_ = {}, {}
+        untapped = adapter_free_self_layers(unet)
         for name, layer in unet_attention_layers(unet):
             block = block_of(name)
             if block_kind(block) not in blocks:
                 continue
             if layer.is_cross_attention:
-                cross[block] = layer.to_k.out_features  # the image branch's output, before to_out
-            else:
+                # the block's hidden state and the layer's output (after to_out) have the layer's width; the
+                # image branch the inner attention width
+                cross[block] = (layer.to_k.out_features if cross_feature == "image_branch"
+                                else layer.to_out[0].out_features)
+            elif name not in untapped:
                 self_[block] = layer.to_out[0].out_features
-        return cls(cross_widths=cross, self_widths=self_, out_dim=out_dim, hidden_dim=hidden_dim, dropout=dropout)
+        return cls(cross_widths=cross, self_widths=self_, out_dim=out_dim, hidden_dim=hidden_dim, dropout=dropout,
+                   cross_feature=cross_feature)
 
     def project_cross(self, block: str, features: torch.Tensor) -> torch.Tensor:
         module = self.cross[_key(block)]

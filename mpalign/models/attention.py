@@ -32,6 +32,13 @@ from torch import nn
 # all boxes when there are no dummy tokens) then stays finite, and is zeroed afterwards anyway.
 MASK_BIAS = -10000.0
 BLOCK_KINDS = ("down", "mid", "up")
+# What L_cross pools over each subject's box in a tapped attn2 layer (``model.align_cross_feature``, docs/model.md):
+# "hidden_state": the transformer block's hidden state right after attn2 (residual stream + the layer's output), the
+# diffusion feature: it carries x_t and t; "attn2_output": the layer's output alone, to_out(text attention + scale *
+# image branch), the paper's literal wording, but a convex mix of fixed value vectors that barely moves with x_t;
+# "image_branch": the masked image branch before to_out (the first implementation, nearly a function of the reference
+# crop alone). The last two are kept as ablations.
+CROSS_FEATURES = ("hidden_state", "attn2_output", "image_branch")
 
 
 def block_of(processor_name: str) -> str:
@@ -106,14 +113,16 @@ class AlignmentRecorder:
     """Collects, during one UNet forward, what the alignment losses need from the tapped blocks.
 
     Pass it as ``cross_attention_kwargs["ms_recorder"]``. ``blocks`` are kinds (``down``/``mid``/``up``);
-    ``features`` records pooled outputs (cheap: no attention probabilities); ``attention_maps`` makes the tapped
-    layers take the explicit path and record per-subject attention maps (only the attention-map losses need it).
+    ``features`` records pooled outputs (cheap: no attention probabilities), the cross one per ``cross_feature`` (one
+    of ``CROSS_FEATURES``); ``attention_maps`` makes the tapped layers take the explicit path and record per-subject
+    attention maps (only the attention-map losses need it).
     Call :meth:`close` after the forward: gradient checkpointing re-runs the processors during backward and those
     re-runs must compute the same things but not record them again."""
 
     blocks: Sequence[str] = ("down", "mid")
     features: bool = True
     attention_maps: bool = False
+    cross_feature: str = "hidden_state"
     cross: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (block, (B, S, C)) pooled over each box
     self_attn: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (block, (B, C)) pooled over all cells
     maps: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # ((B, S, N) maps, (B, S, N) regions)
@@ -123,6 +132,8 @@ class AlignmentRecorder:
         unknown = set(self.blocks) - set(BLOCK_KINDS)
         if unknown:
             raise ValueError(f"unknown alignment blocks {sorted(unknown)}; choose from {list(BLOCK_KINDS)}")
+        if self.cross_feature not in CROSS_FEATURES:
+            raise ValueError(f"unknown cross feature '{self.cross_feature}'; choose from {list(CROSS_FEATURES)}")
 
     def taps(self, block: str) -> bool:
         return block_kind(block) in self.blocks
@@ -233,7 +244,11 @@ class MultiSubjectAttnProcessor(nn.Module):
     ``to_k_ip``/``to_v_ip`` map the image tokens (dummy + subjects) to this layer's keys/values. The default path is
     one ``F.scaled_dot_product_attention`` with an additive mask; per-subject scales multiply the values, which
     equals multiplying the attention probabilities of that subject's tokens. The explicit path (``explicit=True``,
-    or a recorder that asks for attention maps) materialises the probabilities and gives the same output."""
+    or a recorder that asks for attention maps) materialises the probabilities and gives the same output.
+
+    The ``hidden_state`` tap needs the block's residual stream, which the processor never sees: ``MSAdapter.attach``
+    hooks :meth:`record_block_state` onto the input of the block's ``norm3`` (the hidden state right after attn2),
+    and the processor leaves the recorder and the box cells for it in ``pending_state``."""
 
     def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int, num_dummy_tokens: int,
                  max_subjects: int, scale: float = 1.0, block: str = ""):
@@ -246,6 +261,15 @@ class MultiSubjectAttnProcessor(nn.Module):
         self.scale = scale
         self.block = block
         self.explicit = False
+        self.pending_state: tuple[AlignmentRecorder, torch.Tensor] | None = None
+        self.state_hook = None  # the handle of the hook attach() installs on the block's norm3
+
+    def record_block_state(self, hidden_states: torch.Tensor) -> None:
+        """The hidden-state tap: pool the block's hidden state after attn2 over the boxes this layer just used."""
+        if self.pending_state is not None:
+            recorder, regions = self.pending_state
+            self.pending_state = None
+            recorder.record_cross(self.block, pool_regions(hidden_states, regions))
 
     @property
     def num_image_tokens(self) -> int:
@@ -327,11 +351,20 @@ class MultiSubjectAttnProcessor(nn.Module):
         else:
             image_out = F.scaled_dot_product_attention(q, k_ip, v_ip, attn_mask=bias, scale=attn.scale)
         image_out = merge_heads(image_out) * masks.keep[..., None].to(query.dtype)
-        if tapped and recorder.features:
+        record = tapped and recorder.features
+        if record and recorder.cross_feature == "image_branch":
             recorder.record_cross(self.block, pool_regions(image_out, masks.regions))
 
         hidden_states = merge_heads(text_out) + self.scale * image_out
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if record and recorder.cross_feature == "attn2_output":
+            recorder.record_cross(self.block, pool_regions(hidden_states, masks.regions))
+        if record and recorder.cross_feature == "hidden_state":
+            # handed over after the recorder is closed too: checkpointing re-runs must save what the forward saved
+            if self.state_hook is None:
+                raise ValueError(f"the hidden_state tap of {self.block or 'this layer'} needs the hook MSAdapter.attach "
+                                 "installs on its transformer block's norm3")
+            self.pending_state = (recorder, masks.regions)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
@@ -358,11 +391,12 @@ class MultiSubjectAttnProcessor(nn.Module):
 class SelfAttnTapProcessor(AttnProcessor2_0):
     """diffusers' SDPA self-attention, unchanged, plus the L_self tap: the layer's output (after ``to_out``) averaged
     over all query cells. Accepts (and ignores) the multi-subject keywords so the UNet can pass one kwargs dict to
-    every layer without warnings."""
+    every layer without warnings. ``tapped=False`` for a layer no adapter weight reaches (it never records)."""
 
-    def __init__(self, block: str = ""):
+    def __init__(self, block: str = "", tapped: bool = True):
         super().__init__()
         self.block = block
+        self.tapped = tapped
 
     def __call__(
         self,
@@ -379,7 +413,7 @@ class SelfAttnTapProcessor(AttnProcessor2_0):
         ms_auto_layout: AutoLayout | None = None,
     ) -> torch.Tensor:
         out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if ms_recorder is not None and ms_recorder.features and ms_recorder.taps(self.block):
+        if self.tapped and ms_recorder is not None and ms_recorder.features and ms_recorder.taps(self.block):
             ms_recorder.record_self(self.block, out.mean(dim=1))
         return out
 

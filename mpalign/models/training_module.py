@@ -9,6 +9,7 @@ otherwise). No Ray, no optimizer: the trainer owns those.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,11 @@ from mpalign import encoders, zoo
 from mpalign.config import Config
 from mpalign.models.adapter import MSAdapter, place
 from mpalign.models.alignment import (
+    SELF_TARGETS,
     AlignmentProjectors,
     alpha_at,
     attention_map_loss,
+    check_alignment_config,
     cross_alignment_loss,
     disentanglement_loss,
     self_alignment_loss,
@@ -85,12 +88,54 @@ def load_adapter_parts(adapter_dir: str | Path) -> tuple[MSAdapter, AlignmentPro
     return loaded[0], loaded[1] if len(loaded) > 1 else None
 
 
-class MPAlignTrainingModule(nn.Module):
-    """Holds the frozen models (UNet, VAE, text encoders, CLIP image encoder, DINOv2) and the trainable ones
-    (``adapter``, ``projectors``); :meth:`forward` returns the loss terms of one step."""
+# The frozen encoders by the batch keys they produce: training loads one only when the dataset lacks some of its
+# keys (then it encodes the raw inputs in the step) or when the validation grid generates images (VAE, text and CLIP).
+ENCODER_OUTPUTS = {
+    "vae": ("latents",),
+    "text_encoders": ("prompt_embeds", "pooled_prompt_embeds", "phrase_embeds"),
+    "image_encoder": ("clip_hidden",),
+    "dinov2": ("dino_cls", "dino_ref_patch_pooled", "dino_patch_pooled"),
+}
+GENERATION_ENCODERS = ("vae", "text_encoders", "image_encoder")
 
-    def __init__(self, cfg: Config, sdxl: zoo.SDXLComponents, image_encoder: zoo.EncoderWithProcessor,
-                 dinov2: zoo.EncoderWithProcessor, adapter: MSAdapter, projectors: AlignmentProjectors):
+
+def encoders_to_load(cached_keys: Collection[str] | None, generation: bool = False) -> set[str]:
+    """The ``ENCODER_OUTPUTS`` roles training needs: all of them when the cached keys are unknown (None)."""
+    if cached_keys is None:
+        return set(ENCODER_OUTPUTS)
+    needed = {role for role, keys in ENCODER_OUTPUTS.items() if not set(keys) <= set(cached_keys)}
+    return needed | (set(GENERATION_ENCODERS) if generation else set())
+
+
+def frozen_dtype(cfg: Config) -> torch.dtype:
+    """The frozen models' dtype: ``model.dtype``, except that fp16 weights become bf16 when training under bf16
+    autocast (fp16 weights would be re-cast to bf16 at every matmul, a copy per layer per step)."""
+    dtype = zoo.resolve_dtype(cfg.model.dtype)
+    if dtype == torch.float16 and cfg.train.mixed_precision == "bf16":
+        return torch.bfloat16
+    return dtype
+
+
+@torch.no_grad()
+def null_conditions(sdxl: zoo.SDXLComponents, image_encoder: zoo.EncoderWithProcessor) -> dict[str, torch.Tensor]:
+    """What dropped conditions look like, as in MS-Diffusion: the empty prompt's embeddings, and the CLIP features
+    of an all-zero (normalised) image for a dropped reference."""
+    empty_embeds, empty_pooled = encoders.encode_prompts(sdxl, [""])
+    model = image_encoder.model
+    size = model.config.image_size
+    pixels = torch.zeros(1, 3, size, size, device=model.device, dtype=model.dtype)
+    return {"empty_prompt_embeds": empty_embeds, "empty_pooled_prompt_embeds": empty_pooled,
+            "null_clip_hidden": model(pixels, output_hidden_states=True).hidden_states[-2]}
+
+
+class MPAlignTrainingModule(nn.Module):
+    """Holds the frozen models (UNet; VAE, text encoders, CLIP image encoder and DINOv2 when given: None where the
+    dataset caches their outputs) and the trainable ones (``adapter``, ``projectors``); :meth:`forward` returns the
+    loss terms of one step. ``null`` are the :func:`null_conditions` (computed here when the encoders are given)."""
+
+    def __init__(self, cfg: Config, sdxl: zoo.SDXLComponents, image_encoder: zoo.EncoderWithProcessor | None,
+                 dinov2: zoo.EncoderWithProcessor | None, adapter: MSAdapter, projectors: AlignmentProjectors,
+                 null: dict[str, torch.Tensor] | None = None):
         super().__init__()
         if cfg.model.grounding_drop_per not in GROUNDING_DROP_UNITS:
             raise ValueError(f"model.grounding_drop_per must be one of {list(GROUNDING_DROP_UNITS)}, got "
@@ -99,43 +144,63 @@ class MPAlignTrainingModule(nn.Module):
         self.sdxl = sdxl
         self.image_encoder = image_encoder
         self.dinov2 = dinov2
-        self.frozen = nn.ModuleList([sdxl.unet, sdxl.vae, sdxl.text_encoder, sdxl.text_encoder_2, image_encoder.model,
-                                     dinov2.model])
+        models = (sdxl.unet, sdxl.vae, sdxl.text_encoder, sdxl.text_encoder_2,
+                  image_encoder.model if image_encoder else None, dinov2.model if dinov2 else None)
+        self.frozen = nn.ModuleList([m for m in models if m is not None])
         # Freeze before attaching: the processors become UNet submodules and must stay trainable.
         self.frozen.requires_grad_(False)
-        adapter.check_compatible(sdxl.unet, image_encoder.model.config.hidden_size, sdxl.text_encoder.config.hidden_size)
+        adapter.check_compatible(sdxl.unet, image_encoder.model.config.hidden_size if image_encoder else None,
+                                 sdxl.text_encoder.config.hidden_size if sdxl.text_encoder else None)
         adapter.attach(sdxl.unet, scale=1.0)
         self.adapter = adapter
         self.projectors = projectors
         self.noise_scheduler = DDPMScheduler.from_config(sdxl.scheduler.config)
         self.frozen.eval()
-        empty_embeds, empty_pooled = encoders.encode_prompts(sdxl, [""])
-        self.register_buffer("empty_prompt_embeds", empty_embeds, persistent=False)
-        self.register_buffer("empty_pooled_prompt_embeds", empty_pooled, persistent=False)
-        self.register_buffer("null_clip_hidden", self._null_clip_hidden(), persistent=False)
+        for name, value in (null or null_conditions(sdxl, image_encoder)).items():
+            self.register_buffer(name, value.to(adapter.dummy_tokens.device), persistent=False)
 
     @classmethod
-    def from_config(cls, cfg: Config, device: str | torch.device | None = None,
-                    adapter_dir: str | Path | None = None) -> MPAlignTrainingModule:
+    def from_config(cls, cfg: Config, device: str | torch.device | None = None, adapter_dir: str | Path | None = None,
+                    cached_keys: Collection[str] | None = None, generation: bool = False) -> MPAlignTrainingModule:
         """Load the zoo parts of ``cfg.model`` and an adapter from ``adapter_dir`` (a ``save_adapter`` folder or a
-        converted official checkpoint), or a freshly initialised one; projectors too when the folder has none."""
+        converted official checkpoint), or a freshly initialised one; projectors too when the folder has none.
+
+        ``cached_keys``: the batch keys the dataset caches (None: unknown, load every encoder); an encoder whose
+        outputs are all cached is not kept (:func:`encoders_to_load`), unless ``generation`` (the validation grid)
+        needs it. The text encoders and the CLIP image encoder are then loaded only for the moment it takes to
+        compute the :func:`null_conditions`, and DINOv2 not at all."""
+        check_alignment_config(cfg.model)
         device = zoo.resolve_device(str(device or cfg.model.device))
-        sdxl = zoo.load_sdxl(cfg.model, device=device)
-        image_encoder = zoo.load_image_encoder(cfg.model, device=device)
-        dinov2 = zoo.load_dinov2(cfg.model, device=device)
+        dtype = frozen_dtype(cfg)
+        needed = encoders_to_load(cached_keys, generation)
+        sdxl = zoo.load_sdxl(cfg.model, dtype=dtype, device=device, vae="vae" in needed,
+                             text_encoders="text_encoders" in needed)
+        image_encoder = zoo.load_image_encoder(cfg.model, dtype, device) if "image_encoder" in needed else None
+        dinov2 = zoo.load_dinov2(cfg.model, dtype, device) if "dinov2" in needed else None
+        null = None
+        if sdxl.text_encoder is None or image_encoder is None:  # loaded for this moment only, then dropped
+            text = sdxl if sdxl.text_encoder is not None else zoo.load_sdxl_encoders(cfg.model, dtype, device, vae=False)
+            null = null_conditions(text, image_encoder or zoo.load_image_encoder(cfg.model, dtype, device))
+        widths = zoo.encoder_widths(cfg.model)
         projectors = None
         if adapter_dir:
             adapter, projectors = load_adapter_parts(adapter_dir)
+            if projectors is not None and projectors.config.cross_feature != cfg.model.align_cross_feature:
+                logger.warning("the projectors in '%s' were trained on the %s feature, this run aligns the %s: "
+                               "starting with fresh projectors", adapter_dir, projectors.config.cross_feature,
+                               cfg.model.align_cross_feature)
+                projectors = None
         else:
             adapter = seeded_init(cfg.model.seed + ADAPTER_SEED_OFFSET, lambda: MSAdapter.for_unet(
-                sdxl.unet, cfg.model, image_encoder.model.config.hidden_size, sdxl.text_encoder.config.hidden_size))
+                sdxl.unet, cfg.model, widths.image_embed, widths.phrase))
+        adapter.check_compatible(sdxl.unet, widths.image_embed, widths.phrase)
         if projectors is None:
             projectors = seeded_init(cfg.model.seed + PROJECTOR_SEED_OFFSET, lambda: AlignmentProjectors.for_unet(
-                sdxl.unet, cfg.model.align_blocks, dinov2.model.config.hidden_size, cfg.model.projector_hidden_dim,
-                cfg.model.projector_dropout))
+                sdxl.unet, cfg.model.align_blocks, widths.dinov2, cfg.model.projector_hidden_dim,
+                cfg.model.projector_dropout, cfg.model.align_cross_feature))
         # Trainable weights stay float32 whatever the frozen models' dtype (autocast does mixed precision).
         return cls(cfg, sdxl, image_encoder, dinov2, place(adapter, device, torch.float32),
-                   place(projectors, device, torch.float32))
+                   place(projectors, device, torch.float32), null)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Parameters, persistence
@@ -167,6 +232,10 @@ class MPAlignTrainingModule(nn.Module):
                              f"{adapter.architecture()} vs {self.adapter.architecture()}")
         self.adapter.load_state_dict(adapter.state_dict())
         if projectors is not None:
+            if projectors.config.cross_feature != self.projectors.config.cross_feature:
+                raise ValueError(f"the projectors in '{adapter_dir}' align the {projectors.config.cross_feature} "
+                                 f"feature, this model the {self.projectors.config.cross_feature} "
+                                 "(model.align_cross_feature)")
             self.projectors.load_state_dict(projectors.state_dict())
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -181,14 +250,6 @@ class MPAlignTrainingModule(nn.Module):
     def device(self) -> torch.device:
         return self.adapter.dummy_tokens.device
 
-    @torch.no_grad()
-    def _null_clip_hidden(self) -> torch.Tensor:
-        """CLIP features of an all-zero (normalised) image: what a dropped reference looks like, as in MS-Diffusion."""
-        model = self.image_encoder.model
-        size = model.config.image_size
-        pixels = torch.zeros(1, 3, size, size, device=model.device, dtype=model.dtype)
-        return model(pixels, output_hidden_states=True).hidden_states[-2]
-
     def _per_subject(self, values: torch.Tensor, subject_mask: torch.Tensor, encode) -> torch.Tensor:
         """Run ``encode`` on the real subjects of (B, S, ...) ``values`` only; padded ones get zeros."""
         real = encode(values[subject_mask])
@@ -199,12 +260,24 @@ class MPAlignTrainingModule(nn.Module):
     @torch.no_grad()
     def prepare_conditions(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every model input of the batch on the model's device: cached keys as they are, raw keys encoded."""
+        loaded = {"vae": self.sdxl.vae, "text_encoders": self.sdxl.text_encoder, "image_encoder": self.image_encoder,
+                  "dinov2": self.dinov2}
+        for role, keys in ENCODER_OUTPUTS.items():
+            missing = [k for k in keys if k not in batch]
+            if missing and loaded[role] is None:
+                raise ValueError(f"the batch has no {', '.join(missing)} and this module was built without the {role} "
+                                 "(from_config was told the dataset caches them)")
         device = self.device
         subject_mask = batch["subject_mask"].to(torch.bool)
         sdxl = self.sdxl
         cond: dict[str, torch.Tensor] = {"subject_mask": subject_mask, "boxes": batch["boxes"],
                                          "time_ids": batch["time_ids"]}
-        cond["latents"] = batch["latents"] if "latents" in batch else encoders.vae_latents(sdxl, batch["pixel_values"])
+        if "latents" in batch:
+            cond["latents"] = batch["latents"]
+            if "latents_std" in batch:
+                cond["latents_std"] = batch["latents_std"]
+        else:
+            cond["latents"], cond["latents_std"] = encoders.vae_posterior(sdxl, batch["pixel_values"])
         if "prompt_embeds" in batch:
             cond["prompt_embeds"], cond["pooled_prompt_embeds"] = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
         else:
@@ -237,6 +310,8 @@ class MPAlignTrainingModule(nn.Module):
             cls_tokens, ref_pooled = self._per_subject(references, subject_mask, cls_and_pooled).chunk(2, dim=-1)
             cond.setdefault("dino_cls", cls_tokens)
             cond.setdefault("dino_ref_patch_pooled", ref_pooled)
+        if "dino_ref_image_patch_pooled" in batch:
+            cond["dino_ref_image_patch_pooled"] = batch["dino_ref_image_patch_pooled"]
         if "dino_patch_pooled" in batch:
             cond["dino_patch_pooled"] = batch["dino_patch_pooled"]
         else:
@@ -288,6 +363,8 @@ class MPAlignTrainingModule(nn.Module):
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(self.device)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,),
                                   generator=generator).to(self.device)
+        if self.training:  # drawn after noise and timesteps: both settings of train.vae_latents share those
+            latents = self._training_latents(cond, generator)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
 
         alpha = alpha_at(step, train_cfg)
@@ -296,23 +373,10 @@ class MPAlignTrainingModule(nn.Module):
         recorder = None
         if want_features or want_maps:
             recorder = AlignmentRecorder(blocks=tuple(self.cfg.model.align_blocks), features=want_features,
-                                         attention_maps=want_maps)
+                                         attention_maps=want_maps, cross_feature=self.cfg.model.align_cross_feature)
 
         subject_mask = cond["subject_mask"]
-        tokens = self.adapter.image_tokens(cond["clip_hidden"], cond["phrase_embeds"], cond["boxes"], subject_mask,
-                                           cond.get("drop_grounding"))
-        prompt_embeds = cond["prompt_embeds"]
-        unet_dtype = self.unet.dtype
-        prediction = self.unet(
-            noisy.to(unet_dtype), timesteps,
-            encoder_hidden_states=torch.cat((prompt_embeds, tokens.to(prompt_embeds.dtype)), dim=1).to(unet_dtype),
-            added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"].to(unet_dtype),
-                               "time_ids": cond["time_ids"].to(unet_dtype)},
-            cross_attention_kwargs={"ms_boxes": cond["boxes"], "ms_subject_mask": subject_mask,
-                                    "ms_recorder": recorder},
-        ).sample
-        if recorder is not None:
-            recorder.close()
+        prediction = self.denoise(cond, noisy, timesteps, recorder)
         target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
         out = {"diffusion": F.mse_loss(prediction.float(), target.float())}
 
@@ -339,15 +403,50 @@ class MPAlignTrainingModule(nn.Module):
         out["cos_cross"], out["cos_self"] = out["cos_cross"].detach(), out["cos_self"].detach()
         return out
 
+    def _training_latents(self, cond: dict[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
+        """``train.vae_latents``: a fresh draw from the VAE posterior (the release's ``latent_dist.sample()``), or
+        its mean. Evaluation always takes the mean."""
+        mean = cond["latents"]
+        if self.cfg.train.vae_latents == "mean":
+            return mean
+        if "latents_std" not in cond:
+            raise ValueError("train.vae_latents=sample needs the posterior's std ('latents_std'), which this dataset "
+                             "does not cache: rebuild it with this version of the builder, or set train.vae_latents=mean")
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        return mean + cond["latents_std"] * noise
+
+    def denoise(self, cond: dict[str, torch.Tensor], noisy: torch.Tensor, timesteps: torch.Tensor,
+                recorder: AlignmentRecorder | None = None) -> torch.Tensor:
+        """The UNet's prediction for ``noisy`` latents at ``timesteps`` under the conditions of
+        :meth:`prepare_conditions` (after any drops); ``recorder`` collects the alignment taps and is closed after."""
+        tokens = self.adapter.image_tokens(cond["clip_hidden"], cond["phrase_embeds"], cond["boxes"],
+                                           cond["subject_mask"], cond.get("drop_grounding"))
+        prompt_embeds = cond["prompt_embeds"]
+        unet_dtype = self.unet.dtype
+        prediction = self.unet(
+            noisy.to(unet_dtype), timesteps,
+            encoder_hidden_states=torch.cat((prompt_embeds, tokens.to(prompt_embeds.dtype)), dim=1).to(unet_dtype),
+            added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"].to(unet_dtype),
+                               "time_ids": cond["time_ids"].to(unet_dtype)},
+            cross_attention_kwargs={"ms_boxes": cond["boxes"], "ms_subject_mask": cond["subject_mask"],
+                                    "ms_recorder": recorder},
+        ).sample
+        if recorder is not None:
+            recorder.close()
+        return prediction
+
     def _self_target(self, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L_self's target per ``model.align_self_target`` (checked by ``check_alignment_config``)."""
         choice = self.cfg.model.align_self_target
-        if choice == "target":
-            return cond["dino_patch_pooled"]
+        key = SELF_TARGETS[choice]
+        if key not in cond:
+            raise ValueError(f"model.align_self_target={choice} needs '{key}' in the batch: rebuild the dataset with "
+                             "this version of the builder, or choose another target")
         if choice == "reference":
             # pooled over all reference crops' patches: the mean of the per-crop means (equal patch counts)
-            weight = cond["subject_mask"].to(cond["dino_ref_patch_pooled"].dtype)[..., None]
-            return (cond["dino_ref_patch_pooled"] * weight).sum(1) / weight.sum(1).clamp(min=1.0)
-        raise ValueError(f"model.align_self_target must be 'target' or 'reference', got '{choice}'")
+            weight = cond["subject_mask"].to(cond[key].dtype)[..., None]
+            return (cond[key] * weight).sum(1) / weight.sum(1).clamp(min=1.0)
+        return cond[key]
 
     @torch.no_grad()
     def validation_losses(self, batch: dict[str, torch.Tensor], step: int, seed: int | None = None) -> dict[str, torch.Tensor]:

@@ -22,12 +22,20 @@ from mpalign.config import ConfigError, TrainConfig
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STRATEGIES = ("ddp", "deepspeed")
+VAE_LATENTS = ("sample", "mean")
+OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit")
 
 
 def check_train_config(train_cfg: TrainConfig) -> None:
     """User mistakes in the ``train`` section, found before any worker starts."""
     if train_cfg.mixed_precision not in MIXED_PRECISION:
         raise ConfigError(f"train.mixed_precision must be one of {list(MIXED_PRECISION)}, got '{train_cfg.mixed_precision}'")
+    if train_cfg.vae_latents not in VAE_LATENTS:
+        raise ConfigError(f"train.vae_latents must be one of {list(VAE_LATENTS)}, got '{train_cfg.vae_latents}'")
+    if train_cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer must be one of {list(OPTIMIZERS)}, got '{train_cfg.optimizer}'")
+    if train_cfg.optimizer == "adamw_8bit":
+        _bitsandbytes()
     if train_cfg.strategy not in STRATEGIES:
         raise ConfigError(f"train.strategy must be one of {list(STRATEGIES)}, got '{train_cfg.strategy}'")
     if train_cfg.strategy == "deepspeed" and train_cfg.mixed_precision == "fp16":
@@ -68,9 +76,22 @@ def make_grad_scaler(train_cfg: TrainConfig, device: torch.device) -> torch.amp.
     return torch.amp.GradScaler(device.type)
 
 
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError("train.optimizer=adamw_8bit needs bitsandbytes (CUDA GPUs): pip install 'mpalign[bnb]', or "
+                          "use train.optimizer=adamw_fused") from None
+    return bitsandbytes
+
+
 def build_optimizer(module: nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(list(unwrap(module).trainable_parameters()), lr=train_cfg.lr,
-                             weight_decay=train_cfg.weight_decay)
+    """AdamW over the trainable parameters, per ``train.optimizer``."""
+    params = list(unwrap(module).trainable_parameters())
+    if train_cfg.optimizer == "adamw_8bit":
+        return _bitsandbytes().optim.AdamW8bit(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                             fused=train_cfg.optimizer == "adamw_fused")
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:

@@ -11,7 +11,8 @@ the tapped blocks or the projectors' training — every sweep trial is scored th
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,41 +62,35 @@ class ValidationExample:
         return [Image.open(io.BytesIO(crop)).convert("RGB") for crop in self.crops]
 
 
-class AdapterPipeline:
-    """The generation pipeline of one training worker, shared by the validation grid and a sweep trial's fidelity
-    evaluation: its own copy of the frozen models (attaching the training adapter to the training UNet would change
-    the training graph), built on first use; later calls load the new adapter weights into it."""
+@contextmanager
+def module_generation(module: torch.nn.Module) -> Iterator[Any]:
+    """An ``MPAlignPipeline`` over the training module's own models and attached adapter, with its weights as they
+    are now (swap EMA weights in around it): no second copy of SDXL on the device. The module must have been built
+    with ``generation=True`` so the VAE and encoders are loaded. Training runs the image branch at scale 1 and
+    generation at ``model.scale``: the training scale is restored on the way out."""
+    from mpalign.pipeline import MPAlignPipeline
 
-    def __init__(self, cfg: Config, device: torch.device):
-        self.cfg, self.device = cfg, device
-        self.pipeline: Any = None
-
-    def with_adapter(self, adapter_dir: str | Path) -> Any:
-        """The ``MPAlignPipeline`` with the adapter saved in ``adapter_dir`` (``save_adapter`` layout)."""
-        from mpalign.models.training_module import load_adapter_parts
-        from mpalign.pipeline import MPAlignPipeline
-
-        if self.pipeline is None:
-            self.pipeline = MPAlignPipeline.from_config(self.cfg, adapter_dir=adapter_dir, device=self.device)
-        else:
-            self.pipeline.adapter.load_state_dict(load_adapter_parts(adapter_dir)[0].state_dict())
-        return self.pipeline
+    pipeline = MPAlignPipeline(module.sdxl, module.image_encoder, module.adapter, scale=module.cfg.model.scale,
+                               attached=True)
+    try:
+        with torch.no_grad():
+            yield pipeline
+    finally:
+        module.adapter.set_scale(1.0)
 
 
 class ValidationGrid:
-    """Generations for a few held-out examples with the adapter as it is now: one row per example, its reference
-    crops then the generation with the target boxes drawn."""
+    """Generations for a few held-out examples: one row per example, its reference crops then the generation with
+    the target boxes drawn."""
 
-    def __init__(self, cfg: Config, examples: list[ValidationExample], pipelines: AdapterPipeline):
+    def __init__(self, cfg: Config, examples: list[ValidationExample]):
         self.cfg = cfg
         self.examples = examples
-        self.pipelines = pipelines
 
-    def render(self, adapter_dir: str | Path) -> Image.Image:
-        """Generate with the adapter saved in ``adapter_dir`` (``save_adapter`` layout)."""
+    def render(self, pipeline: Any) -> Image.Image:
+        """Generate with ``pipeline`` (see :func:`module_generation`)."""
         from mpalign.pipeline import draw_boxes
 
-        pipeline = self.pipelines.with_adapter(adapter_dir)
         size = self.cfg.data.image_size
         rows = []
         for index, example in enumerate(self.examples):
