@@ -87,6 +87,9 @@ class DataConfig:
     cache_dinov2_patch_grid: bool = False
     cache_clip: bool = True
     cache_vae: bool = True
+    # dtype the builder runs the VAE encoder in, whatever model.dtype: SDXL's stock VAE overflows to NaN/inf in
+    # float16 on some images (the release encodes in float32); "float16" is safe only with an fp16-fix model.vae
+    vae_dtype: str = "float32"
     cache_text: bool = True
     rows_per_shard: int = 64
     val_fraction: float = 0.1
@@ -106,6 +109,9 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "auto"  # "auto" = cuda when available, else cpu
     sdxl: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    # a VAE repo id / folder used instead of the sdxl repo's vae subfolder, e.g. madebyollin/sdxl-vae-fp16-fix (the
+    # release's training VAE: same latents, finite in float16); "" = the sdxl repo's own VAE
+    vae: str = ""
     image_encoder: str = "h94/IP-Adapter"
     image_encoder_subfolder: str = "sdxl_models/image_encoder"  # ViT-bigG/14; "models/image_encoder" is ViT-H/14
     dinov2: str = "facebook/dinov2-base"

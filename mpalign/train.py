@@ -358,6 +358,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                       grad_scaler=state.grad_scaler, ema=state.ema, generator=state.generator)
             state.step += 1
             state.position = DataPosition(position.epoch, index + 1)
+            if step_metrics.get("skipped"):
+                state.skipped_steps += 1
+                logger.warning("worker %d: step %d had a non-finite loss or gradient norm (loss %s, grad_norm %s): "
+                               "update skipped (%d so far)", rank, state.step, step_metrics.get("loss"),
+                               step_metrics.get("grad_norm"), state.skipped_steps)
             now = time.perf_counter()
             step_metrics["img_per_s"] = images_per_step / max(now - last_time, 1e-9)
             last_time = now
@@ -406,6 +411,7 @@ class StepReporter:
         self.window = {}
         metrics: dict[str, Any] = _mean_across_workers(window_mean, self.world_size, self.device)
         metrics.update(step=step, epoch=self.state.position.epoch, resumed_from_step=self.resumed_from,
+                       skipped_steps=self.state.skipped_steps,  # the same on every worker (the flag is all-reduced)
                        placement_group_id=ray.get_runtime_context().get_placement_group_id())  # see sweep.TrialEnds
         if validate_now and self.rank == 0:
             metrics.update(self._validate())
@@ -436,6 +442,8 @@ def progress_line(metrics: dict[str, Any], max_steps: int) -> str:
     parts += [f"{key} {metrics[key]:.4g}" for key in ("loss", "diffusion", "cross", "self", "alpha", "lr")
               if key in metrics]
     parts.append(f"{metrics['img_per_s']:.1f} img/s")
+    if metrics.get("skipped_steps"):
+        parts.append(f"non-finite steps skipped {metrics['skipped_steps']}")
     if "objective" in metrics:
         parts.append(f"| val objective {metrics['objective']:.4g} cos_cross {metrics.get('val_cos_cross', 0):.3f}")
     return "  ".join(parts)
