@@ -165,6 +165,11 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 1.0
+    # Training prints its GPU memory estimate (mpalign.training.memory) and refuses a config that cannot fit the GPU
+    # the driver sees, or a GPU of this many GB (decimal, as sold: 48 for an L40S) when > 0, e.g. to check a config
+    # for the cluster's GPUs from a machine without them. check_gpu_memory=false trains anyway.
+    gpu_memory_gb: float = 0.0
+    check_gpu_memory: bool = True
     storage_path: str = ""  # where Ray Train keeps checkpoints; "" = output_dir. Multi-node: s3://..., gs://... or NFS
     # A dataset up to this size on disk is read once into Ray's object store, so epochs start at once instead of
     # re-reading Parquet (seconds per epoch); larger ones stream from storage every epoch.

@@ -23,6 +23,7 @@ from ray.tune import Callback
 
 from mpalign.cli import UserInputError
 from mpalign.config import Config, ConfigError, config_from_dict
+from mpalign.training.memory import check_gpu_memory
 
 logger = logging.getLogger("mpalign.sweep")
 
@@ -226,6 +227,10 @@ def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
 
     check_tune_config(cfg)
     check_config(cfg)
+    # the trials' GPU share, with the layer set that taps the most blocks (the most projectors)
+    widest = {"alpha": cfg.tune.alpha_max, "layer_set": max(cfg.tune.layer_sets, key=lambda n: len(parse_layer_set(n))),
+              "lambda_self": cfg.tune.lambda_self[0], "loss_extras": cfg.tune.loss_extras[0]}
+    check_gpu_memory(trial_training_config(cfg, widest, cfg.tune.output_dir), log=logger.info)
     cfg = _absolute_paths(cfg)
     out = Path(cfg.tune.output_dir)
     experiment = out / EXPERIMENT

@@ -40,6 +40,7 @@ from mpalign.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from mpalign.training.memory import check_gpu_memory
 from mpalign.training.metrics import NullLogger, check_logger, make_logger
 from mpalign.training.step import (
     build_ema,
@@ -187,6 +188,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     from ray.train.torch import TorchConfig, TorchTrainer
 
     check_config(cfg)
+    check_gpu_memory(cfg, log=logger.info)
     cfg = _resolve_paths(cfg)
     _prepare_run_dir(cfg, resume, overwrite)
     output_dir = Path(cfg.train.output_dir)
