@@ -174,6 +174,10 @@ class TrainConfig:
     # A dataset up to this size on disk is read once into Ray's object store, so epochs start at once instead of
     # re-reading Parquet (seconds per epoch); larger ones stream from storage every epoch.
     materialize_max_gb: float = 2.0
+    # Rows each worker's local shuffle mixes. A shard holds consecutive records (a clip's frames together) and files
+    # arrive in a random order, so the buffer should span several shards (data.rows_per_shard) to mix clips; it holds
+    # that many rows in memory (a full-size cached row is ~1-4 MB).
+    shuffle_buffer_rows: int = 1024
     strategy: str = "ddp"  # ddp | deepspeed
     deepspeed_config: str = "configs/deepspeed_zero2.json"
     checkpoint_every: int = 20

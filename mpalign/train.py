@@ -21,12 +21,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 
 from mpalign.cli import UserInputError, run_cli
@@ -139,37 +141,56 @@ def _prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
                              f"to start over, or set train.output_dir to another folder")
 
 
+VALIDATION_EXAMPLE_COLUMNS = ["caption", "phrases", "boxes", "reference_crops"]
+
+
 def load_datasets(cfg: Config) -> dict[str, Any]:
-    """The train and val splits of the built dataset as Ray Datasets (the val split may be empty)."""
+    """The train and val splits of the built dataset as Ray Datasets (the val split may be empty).
+
+    Train reads only the columns training uses (``training_columns``), with the Parquet files in a random order at
+    read time, reseeded every epoch (Ray Data mixes ``train.seed`` with its execution index): no all-to-all step
+    stands between the read and the first batch, whatever the dataset's size. Within files, rows are mixed by each
+    worker's local shuffle buffer (``train.shuffle_buffer_rows``)."""
     import ray.data
+    from ray.data import FileShuffleConfig
     from ray.data.expressions import col
+
+    from mpalign.data.collate import training_columns
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # deterministic epochs (checkpoint data-position semantics)
     context.enable_progress_bars = False  # every epoch of every worker would draw its own; training prints steps
     uri = dataset_samples_uri(cfg)
-    samples = ray.data.read_parquet(uri)
-    size_gb = _stored_bytes(uri) / 2**30
-    if size_gb <= cfg.train.materialize_max_gb:
-        logger.info("dataset %.3f GB <= train.materialize_max_gb: reading it once into the object store", size_gb)
-        samples = samples.materialize()
-    train, val = samples.filter(expr=col("split") == "train"), samples.filter(expr=col("split") == "val")
-    return {"train": train.randomize_block_order(seed=cfg.train.seed), "val": val}
+    filesystem, files = _parquet_files(uri)
+    columns = training_columns(pq.read_schema(files[0], filesystem=filesystem).names) if files else None
+    size_gb = sum(info.size or 0 for info in filesystem.get_file_info(files)) / 2**30
+    materialize = size_gb <= cfg.train.materialize_max_gb
+    # A materialized split is read once: its file order stays that of the seed, and epochs differ by the local shuffle
+    shuffle = FileShuffleConfig(seed=cfg.train.seed, reseed_after_execution=not materialize)
+    train = ray.data.read_parquet(uri, columns=columns and [*columns, "split"], shuffle=shuffle)
+    train = train.filter(expr=col("split") == "train")
+    if materialize:
+        logger.info("dataset %.3f GB <= train.materialize_max_gb: reading its train split once into the object store",
+                    size_gb)
+        train = train.materialize()
+    val_columns = columns and sorted({*columns, *VALIDATION_EXAMPLE_COLUMNS, "split"})
+    val = ray.data.read_parquet(uri, columns=val_columns).filter(expr=col("split") == "val")
+    return {"train": train, "val": val}
 
 
-def _stored_bytes(uri: str) -> int:
+def _parquet_files(uri: str) -> tuple[Any, list[str]]:
     import pyarrow.fs as pafs
 
     filesystem, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
     infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-    return sum(info.size or 0 for info in infos if info.type == pafs.FileType.File)
+    return filesystem, sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
 
 def _validation_examples(val: Any, count: int) -> list[dict[str, Any]]:
     if count <= 0:
         return []
-    columns = ["caption", "phrases", "boxes", "reference_crops"]
-    return [ValidationExample.from_row(row).__dict__ for row in val.select_columns(columns).take(count)]
+    return [ValidationExample.from_row(row).__dict__
+            for row in val.select_columns(VALIDATION_EXAMPLE_COLUMNS).take(count)]
 
 
 def _crash_hook() -> dict[str, Any] | None:
@@ -345,13 +366,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     last_time = time.perf_counter()
     while state.step < train.max_steps:
         position = state.position
-        batches = train_shard.iter_torch_batches(
-            batch_size=rows_per_step, collate_fn=collate, drop_last=True,
-            local_shuffle_buffer_size=4 * rows_per_step, local_shuffle_seed=train.seed + position.epoch)
+        rows = train_shard.iter_batches(
+            batch_size=rows_per_step, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=max(train.shuffle_buffer_rows, rows_per_step),
+            local_shuffle_seed=train.seed + position.epoch)
         yielded = 0
-        for index, batch in enumerate(batches):
+        for index, batch in collate_after_skip(rows, collate, position.batches_in_epoch):
             yielded += 1
-            if index < position.batches_in_epoch:
+            if batch is None:
                 continue  # already consumed before the checkpoint this run resumed from
             _maybe_crash(loop_config["crash"], state.step, rank, world_size)
             step_metrics = train_step(model, optimizer, batch, state.step, device=device,
@@ -380,6 +402,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                    f"(train.batch_size x train.grad_accum_steps): lower them or use fewer workers")
             state.position = DataPosition(position.epoch + 1, 0)
     metrics_logger.close()
+
+
+def collate_after_skip(batches: Iterable[Any], collate: Callable[[Any], Any], skip: int
+                       ) -> Iterator[tuple[int, Any]]:
+    """``(index, collated batch)`` for each batch of an epoch, except that the first ``skip`` (the batches consumed
+    before the checkpoint a run resumes from) come as ``(index, None)`` without being collated. The next batch is
+    collated in a background thread while the caller steps on the current one."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: tuple[int, Future] | None = None
+        for index, batch in enumerate(batches):
+            if index < skip:
+                yield index, None
+                continue
+            job = (index, pool.submit(collate, batch))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = job
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 class StepReporter:
