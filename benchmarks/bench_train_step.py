@@ -35,19 +35,10 @@ import torch
 
 from mpalign.config import REPO_ROOT, Config, load_config
 from mpalign.models.training_module import MPAlignTrainingModule
+from mpalign.training.memory import SDXL_UNET
 from mpalign.training.step import MIXED_PRECISION, autocast, build_optimizer, train_step
 from mpalign.zoo import resolve_device
 
-# SDXL base 1.0's UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json)
-SDXL_UNET = {
-    "sample_size": 128, "in_channels": 4, "out_channels": 4, "center_input_sample": False, "flip_sin_to_cos": True,
-    "freq_shift": 0, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "block_out_channels": (320, 640, 1280), "layers_per_block": 2, "transformer_layers_per_block": (1, 2, 10),
-    "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048, "norm_num_groups": 32, "act_fn": "silu",
-    "use_linear_projection": True, "upcast_attention": False, "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
-}
 TEXT_HIDDEN = (768, 1280)  # CLIP ViT-L text, OpenCLIP ViT-bigG text
 CLIP_VISION_HIDDEN, DINOV2_HIDDEN = 1664, 768  # CLIP ViT-bigG/14 vision at 224 px (257 tokens), DINOv2-base
 

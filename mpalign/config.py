@@ -115,6 +115,9 @@ class DataConfig:
     cache_dinov2_patch_grid: bool = False
     cache_clip: bool = True
     cache_vae: bool = True
+    # dtype the builder runs the VAE encoder in, whatever model.dtype: SDXL's stock VAE overflows to NaN/inf in
+    # float16 on some images (the release encodes in float32); "float16" is safe only with an fp16-fix model.vae
+    vae_dtype: str = "float32"
     cache_text: bool = True
     rows_per_shard: int = 64
     val_fraction: float = 0.1
@@ -137,6 +140,9 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "auto"  # "auto" = cuda when available, else cpu
     sdxl: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    # a VAE repo id / folder used instead of the sdxl repo's vae subfolder, e.g. madebyollin/sdxl-vae-fp16-fix (the
+    # release's training VAE: same latents, finite in float16); "" = the sdxl repo's own VAE
+    vae: str = ""
     image_encoder: str = "h94/IP-Adapter"
     image_encoder_subfolder: str = "sdxl_models/image_encoder"  # ViT-bigG/14; "models/image_encoder" is ViT-H/14
     dinov2: str = "facebook/dinov2-base"
@@ -207,10 +213,19 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 1.0
+    # Training prints its GPU memory estimate (mpalign.training.memory) and refuses a config that cannot fit the GPU
+    # the driver sees, or a GPU of this many GB (decimal, as sold: 48 for an L40S) when > 0, e.g. to check a config
+    # for the cluster's GPUs from a machine without them. check_gpu_memory=false trains anyway.
+    gpu_memory_gb: float = 0.0
+    check_gpu_memory: bool = True
     storage_path: str = ""  # where Ray Train keeps checkpoints; "" = output_dir. Multi-node: s3://..., gs://... or NFS
     # A dataset up to this size on disk is read once into Ray's object store, so epochs start at once instead of
     # re-reading Parquet (seconds per epoch); larger ones stream from storage every epoch.
     materialize_max_gb: float = 2.0
+    # Rows each worker's local shuffle mixes. A shard holds consecutive records (a clip's frames together) and files
+    # arrive in a random order, so the buffer should span several shards (data.rows_per_shard) to mix clips; it holds
+    # that many rows in memory (a full-size cached row is ~1-4 MB).
+    shuffle_buffer_rows: int = 1024
     strategy: str = "ddp"  # ddp | deepspeed
     deepspeed_config: str = "configs/deepspeed_zero2.json"
     checkpoint_every: int = 20

@@ -21,12 +21,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 
 from mpalign.cli import UserInputError, check_writable, run_cli
@@ -42,6 +44,7 @@ from mpalign.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from mpalign.training.memory import check_gpu_memory
 from mpalign.training.metrics import NullLogger, check_logger, make_logger
 from mpalign.training.step import (
     build_ema,
@@ -121,6 +124,7 @@ def check_config(cfg: Config) -> None:
             import deepspeed  # noqa: F401
         except ImportError:
             raise ConfigError("train.strategy=deepspeed needs DeepSpeed: pip install 'mpalign[deepspeed]'") from None
+    check_gpu_memory(cfg, log=logger.info)  # from the config alone: before any storage is touched
     samples = dataset_samples_uri(cfg)
     if is_remote(samples):  # unreachable storage or missing credentials: one line now, not a hang inside Ray
         check_storage(samples, "the dataset's samples folder", must_exist=True)
@@ -184,22 +188,41 @@ def _prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
                              f"to start over, or set train.output_dir to another folder")
 
 
+VALIDATION_EXAMPLE_COLUMNS = ["caption", "phrases", "boxes", "reference_crops"]
+
+
 def load_datasets(cfg: Config) -> dict[str, Any]:
-    """The train and val splits of the built dataset as Ray Datasets (the val split may be empty)."""
+    """The train and val splits of the built dataset as Ray Datasets (the val split may be empty).
+
+    Train reads only the columns training uses (``training_columns``), with the Parquet files in a random order at
+    read time, reseeded every epoch (Ray Data mixes ``train.seed`` with its execution index): no all-to-all step
+    stands between the read and the first batch, whatever the dataset's size. Within files, rows are mixed by each
+    worker's local shuffle buffer (``train.shuffle_buffer_rows``)."""
     import ray.data
+    from ray.data import FileShuffleConfig
     from ray.data.expressions import col
+
+    from mpalign.data.collate import training_columns
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # deterministic epochs (checkpoint data-position semantics)
     context.enable_progress_bars = False  # every epoch of every worker would draw its own; training prints steps
     uri = dataset_samples_uri(cfg)
-    samples = ray.data.read_parquet(uri)
-    size_gb = _stored_bytes(uri) / 2**30
-    if size_gb <= cfg.train.materialize_max_gb:
-        logger.info("dataset %.3f GB <= train.materialize_max_gb: reading it once into the object store", size_gb)
-        samples = samples.materialize()
-    train, val = samples.filter(expr=col("split") == "train"), samples.filter(expr=col("split") == "val")
-    return {"train": train.randomize_block_order(seed=cfg.train.seed), "val": val}
+    filesystem, files = _parquet_files(uri)
+    columns = training_columns(pq.read_schema(files[0], filesystem=filesystem).names) if files else None
+    size_gb = sum(info.size or 0 for info in filesystem.get_file_info(files)) / 2**30
+    materialize = size_gb <= cfg.train.materialize_max_gb
+    # A materialized split is read once: its file order stays that of the seed, and epochs differ by the local shuffle
+    shuffle = FileShuffleConfig(seed=cfg.train.seed, reseed_after_execution=not materialize)
+    train = ray.data.read_parquet(uri, columns=columns and [*columns, "split"], shuffle=shuffle)
+    train = train.filter(expr=col("split") == "train")
+    if materialize:
+        logger.info("dataset %.3f GB <= train.materialize_max_gb: reading its train split once into the object store",
+                    size_gb)
+        train = train.materialize()
+    val_columns = columns and sorted({*columns, *VALIDATION_EXAMPLE_COLUMNS, "split"})
+    val = ray.data.read_parquet(uri, columns=val_columns).filter(expr=col("split") == "val")
+    return {"train": train, "val": val}
 
 
 def dataset_columns(cfg: Config) -> list[str]:
@@ -212,19 +235,19 @@ def dataset_columns(cfg: Config) -> list[str]:
     return pads.dataset(path, filesystem=filesystem, format="parquet").schema.names
 
 
-def _stored_bytes(uri: str) -> int:
+def _parquet_files(uri: str) -> tuple[Any, list[str]]:
     import pyarrow.fs as pafs
 
     filesystem, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
     infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-    return sum(info.size or 0 for info in infos if info.type == pafs.FileType.File)
+    return filesystem, sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
 
 def _validation_examples(val: Any, count: int) -> list[dict[str, Any]]:
     if count <= 0:
         return []
-    columns = ["caption", "phrases", "boxes", "reference_crops"]
-    return [ValidationExample.from_row(row).__dict__ for row in val.select_columns(columns).take(count)]
+    return [ValidationExample.from_row(row).__dict__
+            for row in val.select_columns(VALIDATION_EXAMPLE_COLUMNS).take(count)]
 
 
 def _crash_hook() -> dict[str, Any] | None:
@@ -423,13 +446,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     last_time = time.perf_counter()
     while state.step < train.max_steps:
         position = state.position
-        batches = train_shard.iter_torch_batches(
-            batch_size=rows_per_step, collate_fn=collate, drop_last=True,
-            local_shuffle_buffer_size=4 * rows_per_step, local_shuffle_seed=train.seed + position.epoch)
+        rows = train_shard.iter_batches(
+            batch_size=rows_per_step, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=max(train.shuffle_buffer_rows, rows_per_step),
+            local_shuffle_seed=train.seed + position.epoch)
         yielded = 0
-        for index, batch in enumerate(batches):
+        for index, batch in collate_after_skip(rows, collate, position.batches_in_epoch):
             yielded += 1
-            if index < position.batches_in_epoch:
+            if batch is None:
                 continue  # already consumed before the checkpoint this run resumed from
             _maybe_crash(loop_config["crash"], state.step, rank, world_size)
             step_metrics = train_step(model, optimizer, batch, state.step, device=device,
@@ -438,6 +462,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                       grad_scaler=state.grad_scaler, ema=state.ema, generator=state.generator)
             state.step += 1
             state.position = DataPosition(position.epoch, index + 1)
+            if step_metrics.get("skipped"):
+                state.skipped_steps += 1
+                logger.warning("worker %d: step %d had a non-finite loss or gradient norm (loss %s, grad_norm %s): "
+                               "update skipped (%d so far)", rank, state.step, step_metrics.get("loss"),
+                               step_metrics.get("grad_norm"), state.skipped_steps)
             now = time.perf_counter()
             step_metrics["img_per_s"] = images_per_step / max(now - last_time, 1e-9)
             last_time = now
@@ -465,6 +494,25 @@ def _fidelity_evaluation(cfg: Config, spec: dict[str, Any] | None, device: torch
     requests = spec["requests"] or example_requests([ValidationExample(**e) for e in spec["examples"]],
                                                     out_dir / "references", cfg.tune.eval_seed)
     return FidelityEvaluation(cfg, requests, out_dir, device)
+
+
+def collate_after_skip(batches: Iterable[Any], collate: Callable[[Any], Any], skip: int
+                       ) -> Iterator[tuple[int, Any]]:
+    """``(index, collated batch)`` for each batch of an epoch, except that the first ``skip`` (the batches consumed
+    before the checkpoint a run resumes from) come as ``(index, None)`` without being collated. The next batch is
+    collated in a background thread while the caller steps on the current one."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: tuple[int, Future] | None = None
+        for index, batch in enumerate(batches):
+            if index < skip:
+                yield index, None
+                continue
+            job = (index, pool.submit(collate, batch))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = job
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 class StepReporter:
@@ -500,6 +548,7 @@ class StepReporter:
         self.window = {}
         metrics: dict[str, Any] = _mean_across_workers(window_mean, self.world_size, self.device)
         metrics.update(step=step, epoch=self.state.position.epoch, resumed_from_step=self.resumed_from,
+                       skipped_steps=self.state.skipped_steps,  # the same on every worker (the flag is all-reduced)
                        placement_group_id=ray.get_runtime_context().get_placement_group_id())  # see sweep.TrialEnds
         if validate_now and self.rank == 0:
             metrics.update(self._validate())
@@ -541,6 +590,8 @@ def progress_line(metrics: dict[str, Any], max_steps: int) -> str:
     parts += [f"{key} {metrics[key]:.4g}" for key in ("loss", "diffusion", "cross", "self", "alpha", "lr")
               if key in metrics]
     parts.append(f"{metrics['img_per_s']:.1f} img/s")
+    if metrics.get("skipped_steps"):
+        parts.append(f"non-finite steps skipped {metrics['skipped_steps']}")
     if "objective" in metrics:
         parts.append(f"| val objective {metrics['objective']:.4g} cos_cross {metrics.get('val_cos_cross', 0):.3f}")
     if "eval_share" in metrics:

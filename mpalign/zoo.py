@@ -205,7 +205,8 @@ def _load_sdxl_parts(cfg: ModelConfig, dtype: str | torch.dtype | None, device: 
         tokenizer, tokenizer_2 = load_sdxl_tokenizers(cfg)
         parts = SDXLComponents(
             unet=_pretrained(UNet2DConditionModel, name, "SDXL UNet", subfolder="unet") if with_unet else None,
-            vae=_pretrained(AutoencoderKL, name, "SDXL VAE", subfolder="vae") if with_vae else None,
+            vae=((_pretrained(AutoencoderKL, cfg.vae, "VAE (model.vae)") if cfg.vae
+                  else _pretrained(AutoencoderKL, name, "SDXL VAE", subfolder="vae")) if with_vae else None),
             text_encoder=(_pretrained(CLIPTextModel, name, "SDXL text encoder", subfolder="text_encoder")
                           if with_text_encoders else None),
             text_encoder_2=(_pretrained(CLIPTextModelWithProjection, name, "SDXL text encoder 2",

@@ -316,3 +316,32 @@ def test_one_actor_pool_per_stage_builds_the_same_rows(built):
     assert list(stats["this_run"]["actor_pools"]) == list(STAGE_NAMES)
     assert stats["reject_reasons"] == built["stats"]["reject_reasons"]
     assert_same_rows(_samples(out), _samples(built["out"]))
+
+
+def test_a_non_finite_cache_is_rejected_with_its_column_and_the_other_records_pass(tmp_path, monkeypatch):
+    """A float16 SDXL VAE can return NaN latents for some images: the builder rejects that record (naming the
+    column) instead of storing a cache that turns a training step into NaN weights."""
+    import torch
+
+    import mpalign.encoders
+
+    real_vae_latents = mpalign.encoders.vae_latents
+    calls = []
+
+    def vae_latents_nan_on_second_record(*args, **kwargs):
+        latents = real_vae_latents(*args, **kwargs)
+        calls.append(len(latents))
+        return torch.full_like(latents, float("nan")) if len(calls) == 2 else latents
+
+    monkeypatch.setattr(mpalign.encoders, "vae_latents", vae_latents_nan_on_second_record)
+    sample = generate_sample_dataset(tmp_path / "sample", SampleDataConfig(num_images=4, num_videos=0, image_size=64))
+    cfg = load_config(overrides=[*OVERRIDES, "data.stages.encode.batch_size=1"])
+    stats = build_dataset(cfg, input=str(sample), output=str(tmp_path / "out"), executor="local", log=lambda _: None)
+    assert calls == [1] * len(calls) and len(calls) >= 3
+    rejects = pq.read_table(tmp_path / "out" / "rejects").to_pylist()
+    non_finite = [r for r in rejects if r["reason"] == "non_finite_cache"]
+    assert len(non_finite) == 1 and "latents" in non_finite[0]["detail"] and non_finite[0]["stage"] == "encode"
+    samples = pq.read_table(tmp_path / "out" / "samples").to_pylist()
+    assert len(samples) == len(calls) - 1 == stats["samples"]
+    assert non_finite[0]["id"] not in {s["id"] for s in samples}
+    assert all(np.isfinite(unpack_array(s["latents"])).all() for s in samples)

@@ -128,6 +128,28 @@ def test_gradient_accumulation_runs_one_optimizer_step(shared_module, batch):
             param.copy_(value)
 
 
+def test_a_non_finite_step_is_skipped_and_counted_and_leaves_the_weights_unchanged(batch):
+    """One NaN latent makes the loss and the gradient norm NaN; AdamW would write NaN into every adapter weight. The
+    step skips the update (optimizer, EMA) and says so; the next finite step trains as usual."""
+    module = make_module("train.ema_decay=0.9")
+    state = make_state(module)
+    poisoned = dict(batch, latents=batch["latents"].clone())
+    poisoned["latents"][1] = float("nan")
+    before = clone(module.trainable_parameters())
+    ema_before = clone(state.ema.shadow_params)
+    metrics = step(module, state, poisoned)
+    assert metrics["skipped"] == 1.0 and not torch.isfinite(torch.tensor(metrics["grad_norm"]))
+    after = module.trainable_parameters()
+    assert all(torch.isfinite(p).all() and torch.equal(a, p) for a, p in zip(before, after))
+    assert all(torch.equal(a, b) for a, b in zip(ema_before, state.ema.shadow_params))
+    assert state.optimizer.state_dict()["state"] == {}  # AdamW never stepped: no moments, no step count
+    assert all(p.grad is None for p in after)  # nothing of the NaN gradient carries into the next step
+    metrics = step(module, state, batch)
+    assert metrics["skipped"] == 0.0
+    assert all(torch.isfinite(p).all() for p in module.trainable_parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, module.trainable_parameters()))
+
+
 def test_checkpoint_round_trip_resumes_exactly(batch, tmp_path):
     """Optimizer moments, lr schedule, EMA, RNGs and step survive save/load: the next step is bit-identical."""
     overrides = ("train.ema_decay=0.9", "train.lr_scheduler=cosine", "train.max_steps=10")

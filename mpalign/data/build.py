@@ -341,6 +341,12 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
         raise ConfigError("data.cache_dinov2 must stay true: DINOv2 features are the alignment targets and always cached")
     if cfg.data.crop_style not in CROP_STYLES:
         raise ConfigError(f"data.crop_style must be one of {', '.join(CROP_STYLES)}, got '{cfg.data.crop_style}'")
+    from mpalign.zoo import resolve_dtype
+
+    try:
+        resolve_dtype(cfg.data.vae_dtype)
+    except ValueError as exc:
+        raise ConfigError(f"data.vae_dtype: {exc}") from None
     input_path = Path(input or cfg.data.input or ensure_sample_dataset(cfg.data.sample)).resolve()
     out = Path(output or cfg.data.path).resolve()
     records = read_records(input_path)

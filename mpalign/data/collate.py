@@ -62,6 +62,26 @@ def _tokenize(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
+PER_SUBJECT_CACHES = ("dino_cls", "dino_ref_patch_pooled", "clip_hidden", "phrase_embeds")
+PER_IMAGE_CACHES = ("dino_patch_pooled", "dino_ref_image_patch_pooled", "latents", "latents_std", "prompt_embeds",
+                    "pooled_prompt_embeds", "dino_patch_grid")
+ALWAYS_READ = ("id", "boxes", "image_size", "original_size", "crop_top_left")
+# the raw columns rows_to_batch falls back to when a dataset was built without a cache
+RAW_FOR_MISSING_CACHE = {"latents": ("image",), "prompt_embeds": ("caption", "phrases"),
+                         "phrase_embeds": ("caption", "phrases"), "clip_hidden": ("reference_crops",)}
+
+
+def training_columns(available: Sequence[str]) -> list[str]:
+    """The columns :func:`rows_to_batch` reads from a dataset with ``available`` columns: what training projects
+    its reads on (target PNGs, masks and crops stay on disk when their caches exist)."""
+    present = set(available)
+    columns = [c for c in (*ALWAYS_READ, *PER_SUBJECT_CACHES, *PER_IMAGE_CACHES) if c in present]
+    for cache, raw in RAW_FOR_MISSING_CACHE.items():
+        if cache not in present:
+            columns += [c for c in raw if c not in columns]
+    return columns
+
+
 def rows_to_batch(rows: dict[str, Any], cfg: Config) -> dict[str, torch.Tensor]:
     from mpalign.encoders import add_time_ids
 
@@ -72,12 +92,11 @@ def rows_to_batch(rows: dict[str, Any], cfg: Config) -> dict[str, torch.Tensor]:
     batch: dict[str, torch.Tensor] = {}
     batch["boxes"], counts = _padded(boxes, S)
     batch["subject_mask"] = torch.arange(S)[None, :] < torch.tensor(counts)[:, None]
-    for name in ("dino_cls", "dino_ref_patch_pooled", "clip_hidden", "phrase_embeds"):
+    for name in PER_SUBJECT_CACHES:
         values = _column(rows, name)
         if values is not None:
             batch[name] = _padded([unpack_array(v) for v in values], S)[0]
-    for name in ("dino_patch_pooled", "dino_ref_image_patch_pooled", "latents", "latents_std", "prompt_embeds",
-                 "pooled_prompt_embeds", "dino_patch_grid"):
+    for name in PER_IMAGE_CACHES:
         values = _column(rows, name)
         if values is not None:
             batch[name] = torch.from_numpy(np.stack([unpack_array(v) for v in values]).astype(np.float32))

@@ -94,6 +94,7 @@ REJECT_REASONS = {
     "no_subject_phrase": "the caption has no visual subject phrase",
     "too_many_subjects": "the caption names more subjects than data.max_subjects",
     "no_detection": "no phrase got a box that passes the thresholds and the box rules",
+    "non_finite_cache": "an encoder output has NaN/inf values (the detail names the columns), e.g. a float16 VAE",
     "stage_error": "a stage raised on this record alone, or its sample did not fit the schema (stage \"write\"); the "
                    "detail names the exception",
 }

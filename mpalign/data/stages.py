@@ -220,6 +220,10 @@ class EncodeStage(Stage):
         self.dinov2 = load_dinov2(cfg.model)
         self.clip = load_image_encoder(cfg.model) if data.cache_clip else None
         self.sdxl = load_sdxl_encoders(cfg.model) if data.cache_vae or data.cache_text else None
+        if self.sdxl is not None:
+            from mpalign.zoo import resolve_dtype
+
+            self.sdxl.vae.to(dtype=resolve_dtype(data.vae_dtype))  # fp16 SDXL VAE latents can be NaN: see the key
 
     def process(self, rows: list[dict[str, Any]]) -> None:
         from mpalign.encoders import (
@@ -259,9 +263,14 @@ class EncodeStage(Stage):
             phrases = encode_phrases(self.sdxl, [p for r in rows for p in r["phrases"]]).float().cpu().numpy()
             out["phrase_embeds"] = _split(phrases, counts)
         for i, row in enumerate(rows):
+            row["image_rgb"] = None  # raw pixels end here: the PNG in "image" goes on to the shard's writer
+            # as stored (after the float16 cast, which can overflow): one NaN latent is a NaN step in training
+            bad = [key for key, values in out.items() if not np.isfinite(values[i]).all()]
+            if bad:
+                reject(row, "non_finite_cache", f"NaN/inf values in {', '.join(bad)}", self.name)
+                continue
             for key, values in out.items():
                 row[key] = pack_array(values[i])
-            row["image_rgb"] = None  # raw pixels end here: the PNG in "image" goes on to the shard's writer
 
 
 STAGES = {cls.name: cls for cls in (DecodeStage, PhraseStage, DetectStage, SegmentStage, EncodeStage)}

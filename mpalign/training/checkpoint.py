@@ -62,6 +62,7 @@ class TrainingState:
     ema: Any = None
     grad_scaler: Any = None
     step: int = 0
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient norm
     position: DataPosition = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -133,6 +134,7 @@ def save_checkpoint(directory: str | Path, module: nn.Module, state: TrainingSta
             torch.save(state.optimizer.state_dict(), directory / OPTIMIZER_FILE)
         torch.save({
             "step": state.step,
+            "skipped_steps": state.skipped_steps,
             "lr_scheduler": None if deepspeed or state.lr_scheduler is None else state.lr_scheduler.state_dict(),
             "ema": None if state.ema is None else state.ema.state_dict(),
             "grad_scaler": None if state.grad_scaler is None else state.grad_scaler.state_dict(),
@@ -157,6 +159,7 @@ def load_checkpoint(directory: str | Path, module: nn.Module, state: TrainingSta
     if state.grad_scaler is not None and saved["grad_scaler"] is not None:
         state.grad_scaler.load_state_dict(saved["grad_scaler"])
     state.step = int(saved["step"])
+    state.skipped_steps = int(saved.get("skipped_steps", 0))  # absent in checkpoints from before the count
     own = directory / worker_file(rank)
     if own.exists():
         worker = torch.load(own, map_location="cpu", weights_only=True)

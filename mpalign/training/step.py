@@ -153,7 +153,8 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer | None, batch
 
     ``module`` is the training module, bare, DDP-wrapped or a DeepSpeed engine (then ``optimizer`` and
     ``lr_scheduler`` are the engine's and may be None). Returns the mean of every scalar the module's forward
-    reports over the micro-batches, plus ``lr`` and ``grad_norm`` (pre-clipping).
+    reports over the micro-batches, plus ``lr``, ``grad_norm`` (pre-clipping) and ``skipped``: 1.0 when the loss or
+    the gradient norm was non-finite and the update was skipped (not under DeepSpeed, whose engine steps itself).
     """
     deepspeed = is_deepspeed_engine(module)
     parts = micro_batches(batch, grad_accum_steps)
@@ -179,19 +180,37 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer | None, batch
         if grad_scaler is not None:
             grad_scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    sums["grad_norm"] = grad_norm.detach().float().to(device) * len(parts)
+    if not deepspeed:  # the engine has already applied its update inside module.step()
+        sums["skipped"] = _all_workers_nonfinite(sums["loss"], grad_norm) * len(parts)
+    keys = list(sums)
+    values = (torch.stack([sums[k] for k in keys]) / len(parts)).tolist()  # the step's one device sync
+    metrics = dict(zip(keys, values))
+    metrics["lr"] = lr
+    skip = metrics.get("skipped", 0.0) > 0
+    if not deepspeed:
+        # A non-finite loss or gradient norm would make AdamW write NaN into every weight (bf16 has no GradScaler to
+        # catch it): skip the update (the fp16 scaler still lowers its scale), keep the schedule on the step count.
+        if not skip:
+            if grad_scaler is not None:
+                grad_scaler.step(optimizer)
+            else:
+                optimizer.step()
         if grad_scaler is not None:
-            grad_scaler.step(optimizer)
             grad_scaler.update()
-        else:
-            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if lr_scheduler is not None:
             lr_scheduler.step()
-    if ema is not None:
+    if ema is not None and not skip:
         ema.step(params)
-    sums["grad_norm"] = grad_norm.detach().float().to(device) * len(parts)
-    keys = list(sums)
-    values = (torch.stack([sums[k] for k in keys]) / len(parts)).tolist()  # one device sync per step
-    metrics = dict(zip(keys, values))
-    metrics["lr"] = lr
     return metrics
+
+
+def _all_workers_nonfinite(loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """1.0 when the loss or the gradient norm is non-finite on any worker, else 0.0. The gradient norm is the same
+    on every DDP worker (all-reduced gradients), the loss is not: the flag is reduced so all workers skip together
+    and the replicas stay identical."""
+    flag = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm.to(loss_sum.device)))).float()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag
