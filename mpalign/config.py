@@ -88,6 +88,12 @@ class DataConfig:
     cache_clip: bool = True
     cache_vae: bool = True
     cache_text: bool = True
+    # MOSAIC correspondence stage (docs/mosaic.md): per subject, mutual nearest neighbours of DINOv2 patch features
+    # between its reference crop and its target box, as token indices at FLUX's latent grid (16 px per token)
+    correspondences: bool = False
+    correspondence_points: int = 150  # at most this many per subject (the paper's P = 150)
+    correspondence_min_points: int = 4  # a subject with fewer is a bad match: the record is rejected
+    correspondence_min_similarity: float = 0.3  # cosine below this is not a match
     rows_per_shard: int = 64
     val_fraction: float = 0.1
     # How the Ray pipeline maps stages to actor pools: "per_stage" (one pool per stage, data.stages.<name>, so CPU
@@ -102,10 +108,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # Which system trains and generates: "ms_adapter" (MS-Diffusion adapter on SDXL, MultiPersona-Align losses) or
+    # "mosaic" (MOSAIC: in-context references with a reference-only LoRA on FLUX, SCAL + MDL; docs/mosaic.md)
+    method: str = "ms_adapter"
     preset: str = "tiny"  # "tiny": random small models from configs; "pretrained": load the ids/paths below
     dtype: str = "float32"
     device: str = "auto"  # "auto" = cuda when available, else cpu
     sdxl: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    flux: str = "black-forest-labs/FLUX.1-dev"  # model.method=mosaic's base model (diffusers layout)
     image_encoder: str = "h94/IP-Adapter"
     image_encoder_subfolder: str = "sdxl_models/image_encoder"  # ViT-bigG/14; "models/image_encoder" is ViT-H/14
     dinov2: str = "facebook/dinov2-base"
@@ -130,6 +140,12 @@ class ModelConfig:
     align_self_target: str = "target"  # "target": DINOv2 patches of the target image; "reference": of the crops
     projector_hidden_dim: int = 2048
     projector_dropout: float = 0.0
+    # MOSAIC (model.method=mosaic): LoRA rank of the reference branch (the paper's 128), the DiT blocks whose
+    # reference->target attention SCAL and MDL read (thirds of the blocks in order: early, middle, late; the paper's
+    # best is early), and the guidance-embedding value while training (FLUX.1-dev is guidance-distilled)
+    mosaic_lora_rank: int = 128
+    mosaic_loss_blocks: list[str] = field(default_factory=lambda: ["early"])
+    mosaic_train_guidance: float = 1.0
 
 
 @dataclass
@@ -151,6 +167,9 @@ class TrainConfig:
     lambda_self: float = 1.0
     attn_loss_weight: float = 0.0  # MS-Diffusion image attention loss (appendix G)
     disentangle_weight: float = 0.0  # MOSAIC-style symmetric-KL disentanglement (maximised)
+    # model.method=mosaic: L = L_flow + alpha * L_SCA + beta * L_MD (MOSAIC eq. 15; alpha above weighs SCAL and
+    # follows the same warm-up); the paper uses alpha 0.4, beta 0.6
+    beta: float = 0.6
     drop_text_prob: float = 0.05
     drop_image_prob: float = 0.05
     drop_both_prob: float = 0.05
@@ -186,6 +205,7 @@ class TuneConfig:
     layer_sets: list[str] = field(default_factory=lambda: ["down+mid", "down+mid+up"])
     lambda_self: list[float] = field(default_factory=lambda: [1.0])
     loss_extras: list[str] = field(default_factory=lambda: ["none"])  # each: none, attn, disentangle or attn+disentangle
+    betas: list[float] = field(default_factory=lambda: [0.6])  # model.method=mosaic: MDL weights (alphas weigh SCAL)
     attn_loss_weight: float = 0.01  # weight of the "attn" extra (MS-Diffusion appendix G uses 0.01)
     disentangle_weight: float = 0.01  # weight of the "disentangle" extra
     scheduler: str = "asha"  # asha | fifo
