@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--adapter '{args.adapter}' is not a folder")
         if args.num_images < 1 or args.steps < 1:
             raise UsageError("--num-images and --steps must be at least 1")
-        from mpalign.pipeline import MPAlignPipeline
+        from mpalign import methods
 
         started = time.perf_counter()
-        pipe = MPAlignPipeline.from_config(cfg, adapter_dir=args.adapter, device=args.device)
+        pipe = methods.pipeline(cfg, adapter_dir=args.adapter, device=args.device)
         pipe.pipe.set_progress_bar_config(disable=False)
         generated = pipe.generate(
             args.prompt, images, boxes, args.phrase, negative_prompt=args.negative_prompt, scale=args.scale,

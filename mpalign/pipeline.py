@@ -97,6 +97,11 @@ class MPAlignPipeline:
                 sdxl.unet, cfg.model, image_encoder.model.config.hidden_size, sdxl.text_encoder.config.hidden_size))
         return cls(sdxl, image_encoder, adapter, scale=cfg.model.scale)
 
+    def load_adapter(self, adapter_dir: str | Path) -> None:
+        """Load the weights of a ``save_adapter`` folder into this pipeline's adapter (validation grids reuse one
+        pipeline while the adapter trains)."""
+        self.adapter.load_state_dict(load_adapter_parts(adapter_dir)[0].state_dict())
+
     @property
     def max_subjects(self) -> int:
         return self.adapter.config.max_subjects

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from mpalign import methods
 from mpalign.cli import UserInputError, run_cli
 from mpalign.config import REPO_ROOT, Config, ConfigError, add_config_args, config_from_args, config_from_dict
 from mpalign.training.checkpoint import (
@@ -107,6 +108,7 @@ def _resolve_paths(cfg: Config) -> Config:
 def check_config(cfg: Config) -> None:
     """Every user mistake that can be found before Ray starts."""
     check_train_config(cfg.train)
+    methods.check_method(cfg)
     check_logger(cfg.train.logger)
     if cfg.train.strategy == "deepspeed":
         try:
@@ -117,6 +119,10 @@ def check_config(cfg: Config) -> None:
     if "://" not in samples and not Path(samples).is_dir():
         raise UserInputError(f"no built dataset at '{cfg.data.path}' (no '{Path(samples).name}' folder); build one with "
                              f"`python pipelines/build_dataset.py --output {cfg.data.path}` or set data.path")
+    if "://" not in samples and any(Path(samples).glob("*.parquet")):
+        import pyarrow.dataset as pads
+
+        methods.check_dataset_columns(cfg, pads.dataset(samples, format="parquet").schema.names)
 
 
 def _prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
@@ -299,9 +305,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from mpalign.data.collate import RowsCollateFn
-    from mpalign.models.training_module import MPAlignTrainingModule
-
     cfg = config_from_dict(loop_config["config"])
     train = cfg.train
     context = ray.train.get_context()
@@ -309,7 +312,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
     seed_everything(train.seed + rank)
 
-    module = MPAlignTrainingModule.from_config(cfg, device=device)
+    module = methods.training_module(cfg, device=device)
     if train.gradient_checkpointing:
         module.enable_gradient_checkpointing()
     module.train()
@@ -325,7 +328,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     metrics_logger = (make_logger(train.logger, train.output_dir, RUN_NAME, loop_config["config"])
                       if rank == 0 else NullLogger())
 
-    collate = RowsCollateFn(cfg)
+    collate = methods.collate_fn(cfg)
     rows_per_step = train.batch_size * train.grad_accum_steps
     val_batches: list[dict[str, torch.Tensor]] = []
     if rank == 0 and train.val_every > 0:
@@ -433,7 +436,7 @@ class StepReporter:
 def progress_line(metrics: dict[str, Any], max_steps: int) -> str:
     """One line per report on the driver's console: the main loss terms, then validation when it ran."""
     parts = [f"step {metrics['step']}/{max_steps}"]
-    parts += [f"{key} {metrics[key]:.4g}" for key in ("loss", "diffusion", "cross", "self", "alpha", "lr")
+    parts += [f"{key} {metrics[key]:.4g}" for key in ("loss", "diffusion", "cross", "self", "scal", "mdl", "alpha", "lr")
               if key in metrics]
     parts.append(f"{metrics['img_per_s']:.1f} img/s")
     if "objective" in metrics:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from mpalign.config import Config
 
-VAL_TERMS = ("loss", "diffusion", "cross", "self", "cos_cross", "cos_self", "attn", "disentangle")
+VAL_TERMS = ("loss", "diffusion", "cross", "self", "cos_cross", "cos_self", "attn", "disentangle", "scal", "mdl")
 
 
 def validation_metrics(module: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], step: int,
@@ -75,13 +75,13 @@ class ValidationGrid:
 
     def render(self, adapter_dir: str | Path) -> Image.Image:
         """Generate with the adapter saved in ``adapter_dir`` (``save_adapter`` layout)."""
-        from mpalign.models.training_module import load_adapter_parts
-        from mpalign.pipeline import MPAlignPipeline, draw_boxes
+        from mpalign import methods
+        from mpalign.pipeline import draw_boxes
 
         if self.pipeline is None:
-            self.pipeline = MPAlignPipeline.from_config(self.cfg, adapter_dir=adapter_dir, device=self.device)
+            self.pipeline = methods.pipeline(self.cfg, adapter_dir=adapter_dir, device=self.device)
         else:
-            self.pipeline.adapter.load_state_dict(load_adapter_parts(adapter_dir)[0].state_dict())
+            self.pipeline.load_adapter(adapter_dir)
         size = self.cfg.data.image_size
         rows = []
         for index, example in enumerate(self.examples):
