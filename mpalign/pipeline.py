@@ -57,6 +57,8 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], phrases: Se
     w, h = preview.size
     colors = ("#ff3b30", "#34c759", "#007aff", "#ffcc00", "#af52de", "#ff9500")
     for i, (box, phrase) in enumerate(zip(boxes, phrases)):
+        if not any(box):
+            continue  # all-zero: no layout (and a degenerate rectangle PIL refuses)
         x0, y0, x1, y1 = box
         color = colors[i % len(colors)]
         draw.rectangle([x0 * w, y0 * h, x1 * w - 1, y1 * h - 1], outline=color, width=max(1, w // 128))
