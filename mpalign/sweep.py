@@ -29,21 +29,23 @@ logger = logging.getLogger("mpalign.sweep")
 EXPERIMENT = "sweep"
 TRIALS = "trials"
 BLOCKS = ("down", "mid", "up")
+MOSAIC_BLOCKS = ("early", "middle", "late")  # model.method=mosaic: thirds of FLUX's blocks (mpalign.models.mosaic)
 EXTRAS = ("attn", "disentangle")
 RESULTS_CSV = "results.csv"
 PLOT_PNG = "objective_vs_alpha.png"
 BEST_YAML = "best_config.yaml"
 TRIAL_ACTOR_CPUS = 0.01  # a trial's own actor only waits on its TorchTrainer; the training workers hold the resources
-RESULT_COLUMNS = ("trial_id", "alpha", "layer_set", "lambda_self", "loss_extras", "objective", "step", "max_steps",
+RESULT_COLUMNS = ("trial_id", "alpha", "beta", "layer_set", "lambda_self", "loss_extras", "objective", "step", "max_steps",
                   "early_stopped", "status", "val_cos_cross", "val_cos_self", "output_dir")
 
 
-def parse_layer_set(name: str) -> list[str]:
+def parse_layer_set(name: str, method: str = "ms_adapter") -> list[str]:
+    valid = MOSAIC_BLOCKS if method == "mosaic" else BLOCKS
     blocks = [b.strip() for b in name.split("+") if b.strip()]
-    unknown = [b for b in blocks if b not in BLOCKS]
+    unknown = [b for b in blocks if b not in valid]
     if not blocks or unknown:
-        raise ConfigError(f"tune.layer_sets entry '{name}' must join blocks from {list(BLOCKS)} with '+', "
-                          f"e.g. down+mid")
+        raise ConfigError(f"tune.layer_sets entry '{name}' must join blocks from {list(valid)} with '+', "
+                          f"e.g. {valid[0]}+{valid[1]}")
     return blocks
 
 
@@ -60,7 +62,9 @@ def parse_extras(name: str) -> list[str]:
 def check_tune_config(cfg: Config) -> None:
     tune = cfg.tune
     for name in tune.layer_sets:
-        parse_layer_set(name)
+        parse_layer_set(name, cfg.model.method)
+    if cfg.model.method == "mosaic" and not tune.betas:
+        raise ConfigError("tune.betas is empty")
     for name in tune.loss_extras:
         parse_extras(name)
     if tune.alpha_search not in ("grid", "loguniform"):
@@ -80,9 +84,14 @@ def check_tune_config(cfg: Config) -> None:
 
 
 def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
-    """The base config with one trial's parameters: alpha, tapped blocks, lambda_self, loss extras."""
+    """The base config with one trial's parameters: alpha, tapped blocks, lambda_self, loss extras; for
+    model.method=mosaic: alpha (SCAL), beta (MDL) and the blocks the losses read."""
     cfg = copy.deepcopy(cfg)
     cfg.train.alpha = float(params["alpha"])
+    if cfg.model.method == "mosaic":
+        cfg.train.beta = float(params["beta"])
+        cfg.model.mosaic_loss_blocks = parse_layer_set(params["layer_set"], "mosaic")
+        return cfg
     cfg.model.align_blocks = parse_layer_set(params["layer_set"])
     cfg.train.lambda_self = float(params["lambda_self"])
     extras = parse_extras(params["loss_extras"])
@@ -112,6 +121,9 @@ def search_space(cfg: Config) -> dict[str, Any]:
     space = cfg.tune
     alpha = (tune.grid_search(list(space.alphas)) if space.alpha_search == "grid"
              else tune.loguniform(space.alpha_min, space.alpha_max))
+    if cfg.model.method == "mosaic":
+        return {"alpha": alpha, "beta": tune.grid_search(list(space.betas)),
+                "layer_set": tune.grid_search(list(space.layer_sets))}
     return {"alpha": alpha, "layer_set": tune.grid_search(list(space.layer_sets)),
             "lambda_self": tune.grid_search(list(space.lambda_self)),
             "loss_extras": tune.grid_search(list(space.loss_extras))}
@@ -204,6 +216,8 @@ def expected_trials(cfg: Config) -> int:
     """How many trials the search space makes: the grid's product, times ``num_samples``."""
     space = cfg.tune
     alphas = len(space.alphas) if space.alpha_search == "grid" else 1
+    if cfg.model.method == "mosaic":
+        return alphas * len(space.betas) * len(space.layer_sets) * space.num_samples
     return alphas * len(space.layer_sets) * len(space.lambda_self) * len(space.loss_extras) * space.num_samples
 
 
@@ -274,8 +288,9 @@ def result_rows(grid: Any, cfg: Config) -> list[dict[str, Any]]:
         status = "error" if result.error else ended
         step = int(metrics.get("step", 0))
         rows.append({
-            "trial_id": trial_id, "alpha": float(params["alpha"]), "layer_set": params["layer_set"],
-            "lambda_self": float(params["lambda_self"]), "loss_extras": params["loss_extras"],
+            "trial_id": trial_id, "alpha": float(params["alpha"]), "beta": float(params.get("beta", float("nan"))),
+            "layer_set": params["layer_set"], "lambda_self": float(params.get("lambda_self", float("nan"))),
+            "loss_extras": params.get("loss_extras", ""),
             "objective": metrics.get(cfg.tune.metric, float("nan")), "step": step,
             "max_steps": cfg.train.max_steps,
             "early_stopped": status == "finished" and step < cfg.train.max_steps,
@@ -284,7 +299,7 @@ def result_rows(grid: Any, cfg: Config) -> list[dict[str, Any]]:
             "val_cos_self": metrics.get("val_cos_self", float("nan")),
             "output_dir": str(folder) if trial_id else "",
         })
-    rows.sort(key=lambda r: (r["layer_set"], r["loss_extras"], r["lambda_self"], r["alpha"]))
+    rows.sort(key=lambda r: (r["layer_set"], r["loss_extras"], r["lambda_self"], r["beta"], r["alpha"]))
     return rows
 
 
@@ -322,8 +337,9 @@ def plot_objective(rows: list[dict[str, Any]], path: Path, metric: str) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    vary_lambda = len({r["lambda_self"] for r in rows}) > 1
+    vary_lambda = len({r["lambda_self"] for r in rows if not math.isnan(r["lambda_self"])}) > 1
     vary_extras = len({r["loss_extras"] for r in rows}) > 1
+    vary_beta = len({r["beta"] for r in rows if not math.isnan(r["beta"])}) > 1
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         label = row["layer_set"]
@@ -331,6 +347,8 @@ def plot_objective(rows: list[dict[str, Any]], path: Path, metric: str) -> Path:
             label += f", λ_self={row['lambda_self']:g}"
         if vary_extras:
             label += f", {row['loss_extras']}"
+        if vary_beta:
+            label += f", β={row['beta']:g}"
         groups.setdefault(label, []).append(row)
     for label, group in groups.items():
         group = sorted((r for r in group if not math.isnan(float(r["objective"]))), key=lambda r: r["alpha"])

@@ -10,6 +10,7 @@ best_config.yaml (run it with ``python -m mpalign.train --config .../best_config
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 
 from mpalign.cli import run_cli
@@ -31,8 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcome = run_sweep(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     for row in outcome.rows:
         flag = " (stopped early)" if row["early_stopped"] else "" if row["status"] == "finished" else f" ({row['status']})"
-        print(f"alpha={row['alpha']:<8g} layers={row['layer_set']:<12} lambda_self={row['lambda_self']:<4g} "
-              f"extras={row['loss_extras']:<10} objective={row['objective']:.5f} step={row['step']}{flag}")
+        knobs = (f"beta={row['beta']:<5g}" if not math.isnan(row["beta"])
+                 else f"lambda_self={row['lambda_self']:<4g} extras={row['loss_extras']:<10}")
+        print(f"alpha={row['alpha']:<8g} layers={row['layer_set']:<12} {knobs} objective={row['objective']:.5f} "
+              f"step={row['step']}{flag}")
     print(f"results: {outcome.results_csv}\nplot: {outcome.plot_png}")
     if any(row["status"] == "unfinished" for row in outcome.rows) or len(outcome.rows) < outcome.expected_trials:
         print("the sweep was interrupted before every trial finished: run the same command with --resume")
