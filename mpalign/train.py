@@ -440,7 +440,8 @@ def progress_line(metrics: dict[str, Any], max_steps: int) -> str:
               if key in metrics]
     parts.append(f"{metrics['img_per_s']:.1f} img/s")
     if "objective" in metrics:
-        parts.append(f"| val objective {metrics['objective']:.4g} cos_cross {metrics.get('val_cos_cross', 0):.3f}")
+        parts.append(f"| val objective {metrics['objective']:.4g}")
+        parts += [f"{key[4:]} {metrics[key]:.3f}" for key in ("val_cos_cross", "val_scal") if key in metrics]
     return "  ".join(parts)
 
 
