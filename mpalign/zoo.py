@@ -293,10 +293,11 @@ def load_flux_tokenizers(cfg: ModelConfig) -> tuple[Any, Any]:
         from mpalign.tokenizers import tiny_clip_tokenizer
 
         return tiny_clip_tokenizer(), tiny_clip_tokenizer(TINY_FLUX_MAX_TEXT_TOKENS)
-    from transformers import CLIPTokenizer, T5TokenizerFast
+    from transformers import AutoTokenizer, CLIPTokenizer
 
+    # AutoTokenizer: FLUX.1-dev's tokenizer_2 is a T5TokenizerFast; a saved tiny preset's is the tiny CLIP one
     return (_pretrained(CLIPTokenizer, cfg.flux, "FLUX CLIP tokenizer", subfolder="tokenizer"),
-            _pretrained(T5TokenizerFast, cfg.flux, "FLUX T5 tokenizer", subfolder="tokenizer_2"))
+            _pretrained(AutoTokenizer, cfg.flux, "FLUX T5 tokenizer", subfolder="tokenizer_2"))
 
 
 def load_flux(cfg: ModelConfig, dtype: str | torch.dtype | None = None, device: str | None = None) -> FluxComponents:

@@ -301,3 +301,18 @@ def test_mosaic_sweep_space_sets_scal_and_mdl_weights_and_loss_blocks(tmp_path):
     assert (trial.train.alpha, trial.train.beta, trial.model.mosaic_loss_blocks) == (0.2, 0.3, ["early", "late"])
     with pytest.raises(ConfigError, match="tune.layer_sets entry 'down'"):
         check_tune_config(load_config("configs/tiny-mosaic.yaml", ["tune.layer_sets=[down]"]))
+
+
+@torch.no_grad()
+def test_pretrained_flux_loading_reads_the_diffusers_layout(tmp_path):
+    """The real-weights path (``model.preset: pretrained``) on the tiny preset saved as FluxPipeline does."""
+    from diffusers import FluxPipeline
+
+    flux = zoo.load_flux(ModelConfig(preset="tiny", device="cpu"))  # not the fixture: no processors attached
+    FluxPipeline(**flux.as_pipeline_kwargs()).save_pretrained(tmp_path / "flux")
+    loaded = zoo.load_flux(ModelConfig(preset="pretrained", flux=str(tmp_path / "flux"), device="cpu"))
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(flux, name).state_dict(), getattr(loaded, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert loaded.tokenizer_2("a red ball").input_ids == flux.tokenizer_2("a red ball").input_ids
+    assert loaded.scheduler.config.use_dynamic_shifting
