@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from mpalign import methods
 from mpalign.cli import UserInputError, check_writable, run_cli
 from mpalign.config import Config, ConfigError, add_config_args, config_from_args, config_from_dict, shipped_config
 from mpalign.storage import check_storage, is_remote, remove_tree
@@ -113,6 +114,7 @@ def _resolve_paths(cfg: Config) -> Config:
 def check_config(cfg: Config) -> None:
     """Every user mistake that can be found before Ray starts."""
     check_train_config(cfg.train)
+    methods.check_method(cfg)
     check_logger(cfg.train.logger)
     if cfg.train.strategy == "deepspeed":
         try:
@@ -134,6 +136,10 @@ def check_config(cfg: Config) -> None:
             raise UserInputError(f"the dataset at '{cfg.data.path}' has {rows} train samples, fewer than one step needs "
                                  f"({needed} = train.batch_size x grad_accum_steps x num_workers); see its rejects/ "
                                  f"and stats.json for why records were dropped")
+    if "://" not in samples and any(Path(samples).glob("*.parquet")):
+        import pyarrow.dataset as pads
+
+        methods.check_dataset_columns(cfg, pads.dataset(samples, format="parquet").schema.names)
 
 
 # Model settings a run's checkpoints are shaped by (everything but where it runs): a resume must keep them.
@@ -360,9 +366,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from mpalign.data.collate import RowsCollateFn
-    from mpalign.models.training_module import MPAlignTrainingModule
-
     started = time.perf_counter()  # the share of the worker's time spent on fidelity evaluations is measured from here
     cfg = config_from_dict(loop_config["config"])
     train = cfg.train
@@ -371,7 +374,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
     seed_everything(train.seed + rank)
 
-    module = MPAlignTrainingModule.from_config(cfg, device=device)
+    module = methods.training_module(cfg, device=device)
     if train.gradient_checkpointing:
         module.enable_gradient_checkpointing()
     module.train()
@@ -387,7 +390,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     metrics_logger = (make_logger(train.logger, train.output_dir, RUN_NAME, loop_config["config"])
                       if rank == 0 else NullLogger())
 
-    collate = RowsCollateFn(cfg)
+    collate = methods.collate_fn(cfg)
     rows_per_step = train.batch_size * train.grad_accum_steps
     val_batches: list[dict[str, torch.Tensor]] = []
     if rank == 0 and train.val_every > 0:
@@ -524,11 +527,12 @@ class StepReporter:
 def progress_line(metrics: dict[str, Any], max_steps: int) -> str:
     """One line per report on the driver's console: the main loss terms, then validation when it ran."""
     parts = [f"step {metrics['step']}/{max_steps}"]
-    parts += [f"{key} {metrics[key]:.4g}" for key in ("loss", "diffusion", "cross", "self", "alpha", "lr")
+    parts += [f"{key} {metrics[key]:.4g}" for key in ("loss", "diffusion", "cross", "self", "scal", "mdl", "alpha", "lr")
               if key in metrics]
     parts.append(f"{metrics['img_per_s']:.1f} img/s")
     if "objective" in metrics:
-        parts.append(f"| val objective {metrics['objective']:.4g} cos_cross {metrics.get('val_cos_cross', 0):.3f}")
+        parts.append(f"| val objective {metrics['objective']:.4g}")
+        parts += [f"{key[4:]} {metrics[key]:.3f}" for key in ("val_cos_cross", "val_scal") if key in metrics]
     if "eval_share" in metrics:
         parts.append(f"fidelity eval {metrics['eval_share']:.0%} of the time")
     return "  ".join(parts)

@@ -30,6 +30,7 @@ CACHE_COLUMNS = {
     "cache_clip": ("clip_hidden",),
     "cache_vae": ("latents",),
     "cache_text": ("prompt_embeds", "pooled_prompt_embeds", "phrase_embeds"),
+    "correspondences": ("correspondence_ref_tokens", "correspondence_target_tokens"),
 }
 
 BOX = pa.list_(pa.float32(), 4)
@@ -64,6 +65,8 @@ _SAMPLE_FIELDS = [
     ("prompt_embeds", pa.binary()),
     ("pooled_prompt_embeds", pa.binary()),
     ("phrase_embeds", pa.binary()),
+    ("correspondence_ref_tokens", pa.list_(pa.list_(pa.int32()))),
+    ("correspondence_target_tokens", pa.list_(pa.list_(pa.int32()))),
 ]
 
 REJECT_SCHEMA = pa.schema([
@@ -92,6 +95,7 @@ REJECT_REASONS = {
     "no_subject_phrase": "the caption has no visual subject phrase",
     "too_many_subjects": "the caption names more subjects than data.max_subjects",
     "no_detection": "no phrase got a box that passes the thresholds and the box rules",
+    "poor_correspondence": "a subject got fewer than data.correspondence_min_points reference/target matches",
     "stage_error": "a stage raised on this record alone, or its sample did not fit the schema (stage \"write\"); the "
                    "detail names the exception",
 }

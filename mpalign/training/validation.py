@@ -21,7 +21,7 @@ from PIL import Image
 
 from mpalign.config import Config
 
-VAL_TERMS = ("loss", "diffusion", "cross", "self", "cos_cross", "cos_self", "attn", "disentangle")
+VAL_TERMS = ("loss", "diffusion", "cross", "self", "cos_cross", "cos_self", "attn", "disentangle", "scal", "mdl")
 
 
 def validation_metrics(module: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], step: int,
@@ -71,14 +71,14 @@ class AdapterPipeline:
         self.pipeline: Any = None
 
     def with_adapter(self, adapter_dir: str | Path) -> Any:
-        """The ``MPAlignPipeline`` with the adapter saved in ``adapter_dir`` (``save_adapter`` layout)."""
-        from mpalign.models.training_module import load_adapter_parts
-        from mpalign.pipeline import MPAlignPipeline
+        """The method's pipeline (``methods.pipeline``) with the adapter saved in ``adapter_dir`` (``save_adapter``
+        layout)."""
+        from mpalign import methods
 
         if self.pipeline is None:
-            self.pipeline = MPAlignPipeline.from_config(self.cfg, adapter_dir=adapter_dir, device=self.device)
+            self.pipeline = methods.pipeline(self.cfg, adapter_dir=adapter_dir, device=self.device)
         else:
-            self.pipeline.adapter.load_state_dict(load_adapter_parts(adapter_dir)[0].state_dict())
+            self.pipeline.load_adapter(adapter_dir)
         return self.pipeline
 
 
