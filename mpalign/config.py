@@ -119,6 +119,12 @@ class DataConfig:
     # float16 on some images (the release encodes in float32); "float16" is safe only with an fp16-fix model.vae
     vae_dtype: str = "float32"
     cache_text: bool = True
+    # MOSAIC correspondence stage (docs/mosaic.md): per subject, mutual nearest neighbours of DINOv2 patch features
+    # between its reference crop and its target box, as token indices at FLUX's latent grid (16 px per token)
+    correspondences: bool = False
+    correspondence_points: int = 150  # at most this many per subject (the paper's P = 150)
+    correspondence_min_points: int = 4  # a subject with fewer is a bad match: the record is rejected
+    correspondence_min_similarity: float = 0.3  # cosine below this is not a match
     rows_per_shard: int = 64
     val_fraction: float = 0.1
     # How the Ray pipeline maps stages to actor pools: "per_stage" (one pool per stage, data.stages.<name>, so CPU
@@ -133,6 +139,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # Which system trains and generates: "ms_adapter" (MS-Diffusion adapter on SDXL, MultiPersona-Align losses) or
+    # "mosaic" (MOSAIC: in-context references with a reference-only LoRA on FLUX, SCAL + MDL; docs/mosaic.md)
+    method: str = "ms_adapter"
     # "tiny": random small models from configs (unit tests); "toy": small models trained on the procedural world,
     # shipped in mpalign/toy/weights (or model.toy_weights); "pretrained": load the ids/paths below
     preset: str = "tiny"
@@ -143,6 +152,7 @@ class ModelConfig:
     # a VAE repo id / folder used instead of the sdxl repo's vae subfolder, e.g. madebyollin/sdxl-vae-fp16-fix (the
     # release's training VAE: same latents, finite in float16); "" = the sdxl repo's own VAE
     vae: str = ""
+    flux: str = "black-forest-labs/FLUX.1-dev"  # model.method=mosaic's base model (diffusers layout)
     image_encoder: str = "h94/IP-Adapter"
     image_encoder_subfolder: str = "sdxl_models/image_encoder"  # ViT-bigG/14; "models/image_encoder" is ViT-H/14
     dinov2: str = "facebook/dinov2-base"
@@ -177,6 +187,12 @@ class ModelConfig:
     align_self_target: str = "reference_image"
     projector_hidden_dim: int = 2048
     projector_dropout: float = 0.0
+    # MOSAIC (model.method=mosaic): LoRA rank of the reference branch (the paper's 128), the DiT blocks whose
+    # reference->target attention SCAL and MDL read (thirds of the blocks in order: early, middle, late; the paper's
+    # best is early), and the guidance-embedding value while training (FLUX.1-dev is guidance-distilled)
+    mosaic_lora_rank: int = 128
+    mosaic_loss_blocks: list[str] = field(default_factory=lambda: ["early"])
+    mosaic_train_guidance: float = 1.0
 
 
 @dataclass
@@ -205,6 +221,9 @@ class TrainConfig:
     # The target's latents each step: "sample" (a fresh draw from the VAE posterior, as the release's training
     # script does; the dataset caches the posterior mean and std) or "mean" (the posterior mean every time)
     vae_latents: str = "sample"
+    # model.method=mosaic: L = L_flow + alpha * L_SCA + beta * L_MD (MOSAIC eq. 15; alpha above weighs SCAL and
+    # follows the same warm-up); the paper uses alpha 0.4, beta 0.6
+    beta: float = 0.6
     drop_text_prob: float = 0.05
     drop_image_prob: float = 0.05
     drop_both_prob: float = 0.05
@@ -254,6 +273,7 @@ class TuneConfig:
     layer_sets: list[str] = field(default_factory=lambda: ["down+mid", "down+mid+up"])
     lambda_self: list[float] = field(default_factory=lambda: [1.0])
     loss_extras: list[str] = field(default_factory=lambda: ["none"])  # each: none, attn, disentangle or attn+disentangle
+    betas: list[float] = field(default_factory=lambda: [0.6])  # model.method=mosaic: MDL weights (alphas weigh SCAL)
     attn_loss_weight: float = 0.01  # weight of the "attn" extra (MS-Diffusion appendix G uses 0.01)
     disentangle_weight: float = 0.01  # weight of the "disentangle" extra
     scheduler: str = "asha"  # asha | fifo
@@ -415,6 +435,8 @@ def _one_of(*names: str) -> tuple[Callable[[Any], bool], str]:
 
 
 ALIGN_BLOCKS = ("down", "mid", "up")  # UNet block kinds the alignment loss can tap (models.attention.BLOCK_KINDS)
+METHODS = ("ms_adapter", "mosaic")  # model.method (mpalign.methods picks each one's modules)
+MOSAIC_BLOCKS = ("early", "middle", "late")  # thirds of FLUX's blocks MOSAIC's losses read (models.mosaic.BLOCK_THIRDS)
 STAGE_LAYOUTS = ("auto", "chain", "per_stage")
 CAPTION_LANGUAGES = ("en", "any")
 _IMAGE_SIDE = ((lambda v: v > 0 and v % 8 == 0), "a positive multiple of 8 (the VAE downsamples by 8)")
@@ -430,25 +452,30 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.max_box_overlap_iou": _fraction(), "data.min_box_area": _fraction(), "data.max_box_area": _fraction(),
     "data.max_box_aspect_ratio": _at_least(1), "data.crop_size": _at_least(1), "data.rows_per_shard": _at_least(1),
     "data.val_fraction": _fraction(), "data.stage_layout": _one_of(*STAGE_LAYOUTS),
-    "model.preset": _one_of("tiny", "toy", "pretrained"), "model.dtype": _one_of("float32", "float16", "bfloat16"),
+    "data.correspondence_points": _at_least(1), "data.correspondence_min_points": _at_least(1),
+    "data.correspondence_min_similarity": ((lambda v: -1.0 <= v <= 1.0), "between -1 and 1 (a cosine)"),
+    "model.method": _one_of(*METHODS), "model.preset": _one_of("tiny", "toy", "pretrained"),
+    "model.dtype": _one_of("float32", "float16", "bfloat16"),
     "model.max_subjects": _at_least(1), "model.num_tokens": _at_least(1), "model.num_dummy_tokens": _at_least(0),
     "model.resampler_dim": _at_least(1), "model.resampler_depth": _at_least(1), "model.resampler_heads": _at_least(1),
     "model.resampler_dim_head": _at_least(1), "model.resampler_ff_mult": _at_least(1),
     "model.fourier_freqs": _at_least(1), "model.grounding_drop_prob": _fraction(),
     "model.align_blocks": _one_of(*ALIGN_BLOCKS), "model.align_self_target": _one_of("target", "reference", "reference_image"),
     "model.projector_hidden_dim": _at_least(1), "model.projector_dropout": _fraction(),
+    "model.mosaic_lora_rank": _at_least(1), "model.mosaic_loss_blocks": _one_of(*MOSAIC_BLOCKS),
+    "model.mosaic_train_guidance": _at_least(0),
     # train.max_steps, batch_size, grad_accum_steps, num_workers, log_every, checkpoint_every, ema_decay and the
     # tune.scheduler / mode / alpha_search / num_samples / max_concurrent_trials are checked by
     # training.step.check_train_config and sweep.check_tune_config, also before Ray starts
     "train.lr": _above(0), "train.lr_warmup_steps": _at_least(0), "train.weight_decay": _at_least(0),
     "train.max_grad_norm": _above(0), "train.alpha": _at_least(0), "train.warmup_steps": _at_least(0),
-    "train.lambda_self": _at_least(0), "train.attn_loss_weight": _at_least(0),
+    "train.lambda_self": _at_least(0), "train.attn_loss_weight": _at_least(0), "train.beta": _at_least(0),
     "train.drop_text_prob": _fraction(), "train.drop_image_prob": _fraction(), "train.drop_both_prob": _fraction(),
     "train.cpus_per_worker": _above(0), "train.gpus_per_worker": _at_least(0), "train.materialize_max_gb": _at_least(0),
     "train.keep_checkpoints": _at_least(1), "train.max_failures": _at_least(-1), "train.val_every": _at_least(0),
     "train.val_batches": _at_least(1), "train.val_num_images": _at_least(0),
     "tune.alphas": _at_least(0), "tune.alpha_min": _above(0), "tune.alpha_max": _above(0),
-    "tune.lambda_self": _at_least(0), "tune.grace_period": _at_least(1), "tune.reduction_factor": _above(1),
+    "tune.lambda_self": _at_least(0), "tune.betas": _at_least(0), "tune.grace_period": _at_least(1), "tune.reduction_factor": _above(1),
     "tune.cpus_per_trial": _above(0), "tune.gpus_per_trial": _at_least(0),
     "eval.limit": _at_least(0), "eval.images_per_prompt": _at_least(1), "eval.num_inference_steps": _at_least(1),
     "eval.guidance_scale": _at_least(0), "eval.height": _IMAGE_SIDE, "eval.width": _IMAGE_SIDE,

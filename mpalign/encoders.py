@@ -111,6 +111,18 @@ def dinov2_features(dinov2: EncoderWithProcessor, images: Sequence[Image.Image])
     return hidden[:, 0], hidden[:, 1 + num_registers:]
 
 
+@torch.no_grad()
+def dinov2_patch_tokens(dinov2: EncoderWithProcessor, images: Sequence[Image.Image], grid: int) -> torch.Tensor:
+    """DINOv2 patch tokens (N, grid * grid, D) on a grid x grid layout over the whole image: each image is resized
+    to grid x patch size pixels square, without the processor's centre crop, so patch i covers cell i of the image."""
+    device, dtype = _device_dtype(dinov2.model)
+    side = grid * dinov2.model.config.patch_size
+    pixels = dinov2.processor(images=list(images), size={"height": side, "width": side}, do_center_crop=False,
+                              return_tensors="pt").pixel_values.to(device=device, dtype=dtype)
+    num_registers = getattr(dinov2.model.config, "num_register_tokens", 0) or 0
+    return dinov2.model(pixels).last_hidden_state[:, 1 + num_registers:]
+
+
 def images_to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """RGB images, resized to ``size``², as a (N, 3, size, size) tensor in [-1, 1] (the VAE's input range)."""
     arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) for img in images]

@@ -115,23 +115,33 @@ def main(argv: list[str] | None = None) -> int:
         check_output_image(args.out)
         if bool(args.controlnet) != bool(args.control_image):
             raise UsageError("--controlnet and --control-image go together: give both or neither")
-        control_image = read_image(args.control_image, "control image") if args.control_image else None
-        auto_layout = None
-        if args.auto_layout_threshold is not None:
-            auto_layout = AutoLayout(threshold=args.auto_layout_threshold, start_step=args.auto_layout_start)
-            phrase_token_mask(load_sdxl_tokenizers(cfg.model)[0], args.prompt, args.phrase, cfg.model.max_subjects)
-        from mpalign.pipeline import MPAlignPipeline
+        from mpalign import methods
+
+        method = methods.check_method(cfg)
+        sdxl_only = [flag for flag, given in (("--controlnet", args.controlnet),
+                                              ("--auto-layout-threshold", args.auto_layout_threshold is not None))
+                     if given]
+        if sdxl_only and method == "mosaic":
+            raise UsageError(f"{' and '.join(sdxl_only)} are MS-Diffusion adapter (SDXL) options: model.method=mosaic "
+                             f"does not take them")
+        ms_adapter_options = {}
+        if method == "ms_adapter":
+            control_image = read_image(args.control_image, "control image") if args.control_image else None
+            auto_layout = None
+            if args.auto_layout_threshold is not None:
+                auto_layout = AutoLayout(threshold=args.auto_layout_threshold, start_step=args.auto_layout_start)
+                phrase_token_mask(load_sdxl_tokenizers(cfg.model)[0], args.prompt, args.phrase, cfg.model.max_subjects)
+            ms_adapter_options = {"auto_layout": auto_layout, "control_image": control_image,
+                                  "controlnet_conditioning_scale": args.controlnet_scale}
 
         started = time.perf_counter()
-        pipe = MPAlignPipeline.from_config(cfg, adapter_dir=args.adapter, device=args.device,
-                                           controlnet=args.controlnet)
+        pipe = methods.pipeline(cfg, adapter_dir=args.adapter, device=args.device, controlnet=args.controlnet)
         pipe.pipe.set_progress_bar_config(disable=False)
         generated = pipe.generate(
             args.prompt, images, boxes, args.phrase, negative_prompt=args.negative_prompt, scale=args.scale,
             subject_scales=args.subject_scale, drop_grounding=args.drop_grounding, guidance_scale=args.guidance_scale,
             num_inference_steps=args.steps, seed=args.seed, height=args.height, width=args.width,
-            num_images=args.num_images, auto_layout=auto_layout, control_image=control_image,
-            controlnet_conditioning_scale=args.controlnet_scale)
+            num_images=args.num_images, **ms_adapter_options)
     except (*USER_ERRORS, ValueError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -87,6 +87,8 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], phrases: Se
     w, h = preview.size
     colors = ("#ff3b30", "#34c759", "#007aff", "#ffcc00", "#af52de", "#ff9500")
     for i, (box, phrase) in enumerate(zip(boxes, phrases)):
+        if not any(box):
+            continue  # all-zero: no layout (and a degenerate rectangle PIL refuses)
         x0, y0, x1, y1 = box
         color = colors[i % len(colors)]
         draw.rectangle([x0 * w, y0 * h, x1 * w - 1, y1 * h - 1], outline=color, width=max(1, w // 128))
@@ -110,6 +112,8 @@ def contact_sheet(references: Sequence[Image.Image], boxes: Sequence[Sequence[fl
 class MPAlignPipeline:
     """SDXL + CLIP image encoder + MS adapter [+ ControlNet]. ``pipe`` is the underlying
     ``StableDiffusionXLPipeline`` (``StableDiffusionXLControlNetPipeline`` with a ControlNet)."""
+
+    takes_negative_prompt = True  # eval.negative_prompt (MOSAIC's pipeline has none)
 
     def __init__(self, sdxl: zoo.SDXLComponents, image_encoder: zoo.EncoderWithProcessor, adapter: MSAdapter,
                  scale: float = 0.6, controlnet=None, attached: bool = False):
@@ -153,6 +157,11 @@ class MPAlignPipeline:
                 sdxl.unet, cfg.model, image_encoder.model.config.hidden_size, sdxl.text_encoder.config.hidden_size))
         control = zoo.load_controlnet(cfg.model, str(controlnet), device=device) if controlnet else None
         return cls(sdxl, image_encoder, adapter, scale=cfg.model.scale, controlnet=control)
+
+    def load_adapter(self, adapter_dir: str | Path) -> None:
+        """Load the weights of a ``save_adapter`` folder into this pipeline's adapter (validation grids reuse one
+        pipeline while the adapter trains)."""
+        self.adapter.load_state_dict(load_adapter_parts(adapter_dir)[0].state_dict())
 
     @property
     def max_subjects(self) -> int:

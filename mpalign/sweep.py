@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from ray.tune import Callback
 
 from mpalign.cli import UserInputError
-from mpalign.config import Config, ConfigError, config_from_dict
+from mpalign.config import MOSAIC_BLOCKS, Config, ConfigError, config_from_dict
 from mpalign.eval.benchmarks import BUILTIN_BENCHMARKS
 from mpalign.eval.fidelity import (
     REPORTED,
@@ -47,16 +48,19 @@ PLOT_PNG = "objective_vs_alpha.png"
 BEST_YAML = "best_config.yaml"
 TRIAL_ACTOR_CPUS = 0.01  # a trial's own actor only waits on its TorchTrainer; the training workers hold the resources
 SEARCHES = ("grid", "optuna")
-# the trial parameters a search point sets (seed = the trial's train.seed)
-PARAMS = ("alpha", "layer_set", "lambda_self", "loss_extras", "seed")
+# the trial parameters a search point sets (seed = the trial's train.seed); beta is model.method=mosaic's (nan for
+# ms_adapter), lambda_self and loss_extras are ms_adapter's (nan and "none" for mosaic): see UNUSED_PARAMS
+PARAMS = ("alpha", "beta", "layer_set", "lambda_self", "loss_extras", "seed")
+UNUSED_PARAMS = {"beta": math.nan, "lambda_self": math.nan, "loss_extras": "none"}
 
 
-def parse_layer_set(name: str) -> list[str]:
+def parse_layer_set(name: str, method: str = "ms_adapter") -> list[str]:
+    valid = MOSAIC_BLOCKS if method == "mosaic" else BLOCKS
     blocks = [b.strip() for b in name.split("+") if b.strip()]
-    unknown = [b for b in blocks if b not in BLOCKS]
+    unknown = [b for b in blocks if b not in valid]
     if not blocks or unknown:
-        raise ConfigError(f"tune.layer_sets entry '{name}' must join blocks from {list(BLOCKS)} with '+', "
-                          f"e.g. down+mid")
+        raise ConfigError(f"tune.layer_sets entry '{name}' must join blocks from {list(valid)} with '+', "
+                          f"e.g. {valid[0]}+{valid[1]}")
     return blocks
 
 
@@ -73,7 +77,9 @@ def parse_extras(name: str) -> list[str]:
 def check_tune_config(cfg: Config) -> None:
     tune = cfg.tune
     for name in tune.layer_sets:
-        parse_layer_set(name)
+        parse_layer_set(name, cfg.model.method)
+    if cfg.model.method == "mosaic" and not tune.betas:
+        raise ConfigError("tune.betas is empty")
     for name in tune.loss_extras:
         parse_extras(name)
     check_metric(tune.metric)
@@ -107,10 +113,15 @@ def check_tune_config(cfg: Config) -> None:
 
 
 def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
-    """The base config with one trial's parameters: alpha, tapped blocks, lambda_self, loss extras, train.seed."""
+    """The base config with one trial's parameters: alpha, tapped blocks, lambda_self, loss extras, train.seed; for
+    model.method=mosaic: alpha (SCAL), beta (MDL), the blocks the losses read and train.seed."""
     cfg = copy.deepcopy(cfg)
     cfg.train.seed = int(params["seed"])
     cfg.train.alpha = float(params["alpha"])
+    if cfg.model.method == "mosaic":
+        cfg.train.beta = float(params["beta"])
+        cfg.model.mosaic_loss_blocks = parse_layer_set(params["layer_set"], "mosaic")
+        return cfg
     cfg.model.align_blocks = parse_layer_set(params["layer_set"])
     cfg.train.lambda_self = float(params["lambda_self"])
     extras = parse_extras(params["loss_extras"])
@@ -143,9 +154,14 @@ def grid_points(cfg: Config) -> list[dict[str, Any]]:
     """The grid's trials, each a full set of :data:`PARAMS`, without duplicates: alpha = 0 taps nothing, so its
     trials with different layer sets or lambda_self train the same model (bit-identical objectives) and only the first
     runs. Extras other than ``none`` read attention maps of the tapped blocks even at alpha = 0: those stay. With
-    ``alpha_search: loguniform`` alpha is left out (drawn by Tune)."""
+    ``alpha_search: loguniform`` alpha is left out (drawn by Tune). model.method=mosaic: alpha x beta x layer set x
+    seed, all kept (beta weighs MDL, which reads the layer set's blocks even at alpha = 0)."""
     space = cfg.tune
     alphas = list(space.alphas) if space.alpha_search == "grid" else [None]
+    if cfg.model.method == "mosaic":
+        mosaic = [{"beta": beta, "layer_set": layer_set, "seed": seed}
+                  for beta in space.betas for layer_set in space.layer_sets for seed in space.seeds]
+        return [point if alpha is None else {"alpha": alpha, **point} for alpha in alphas for point in mosaic]
     points, seen = [], set()
     for alpha in alphas:
         for layer_set in space.layer_sets:
@@ -171,9 +187,12 @@ def search_space(cfg: Config) -> dict[str, Any]:
 
     space = cfg.tune
     if space.search == "optuna":
-        return {"alpha": tune.loguniform(space.alpha_min, space.alpha_max),
-                "layer_set": tune.choice(list(space.layer_sets)), "lambda_self": tune.choice(list(space.lambda_self)),
-                "loss_extras": tune.choice(list(space.loss_extras))}
+        alpha = tune.loguniform(space.alpha_min, space.alpha_max)
+        if cfg.model.method == "mosaic":
+            return {"alpha": alpha, "beta": tune.choice(list(space.betas)),
+                    "layer_set": tune.choice(list(space.layer_sets))}
+        return {"alpha": alpha, "layer_set": tune.choice(list(space.layer_sets)),
+                "lambda_self": tune.choice(list(space.lambda_self)), "loss_extras": tune.choice(list(space.loss_extras))}
     out: dict[str, Any] = {"point": tune.grid_search(grid_points(cfg))}
     if space.alpha_search == "loguniform":
         out["alpha"] = tune.loguniform(space.alpha_min, space.alpha_max)
@@ -181,8 +200,9 @@ def search_space(cfg: Config) -> dict[str, Any]:
 
 
 def trial_params(trial_config: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    """A trial's :data:`PARAMS` from its Tune config (a grid point and/or sampled values)."""
-    flat = {**trial_config.get("point", {}), **{k: v for k, v in trial_config.items() if k != "point"}}
+    """A trial's :data:`PARAMS` from its Tune config (a grid point and/or sampled values); the parameters its method
+    does not use are :data:`UNUSED_PARAMS`."""
+    flat = {**UNUSED_PARAMS, **trial_config.get("point", {}), **{k: v for k, v in trial_config.items() if k != "point"}}
     flat.setdefault("seed", cfg.tune.seeds[0])
     return {key: flat[key] for key in PARAMS}
 
@@ -386,8 +406,9 @@ def result_rows(grid: Any, cfg: Config) -> list[dict[str, Any]]:
         status = "error" if result.error else ended
         step = int(metrics.get("step", 0))
         rows.append({
-            "trial_id": trial_id, "alpha": float(params["alpha"]), "layer_set": params["layer_set"],
-            "lambda_self": float(params["lambda_self"]), "loss_extras": params["loss_extras"],
+            "trial_id": trial_id, "alpha": float(params["alpha"]), "beta": float(params["beta"]),
+            "layer_set": params["layer_set"], "lambda_self": float(params["lambda_self"]),
+            "loss_extras": params["loss_extras"],
             "seed": int(params["seed"]), "metric": cfg.tune.metric,
             "objective": float(metrics.get(metric_key(cfg.tune.metric), nan)),
             "below_clip_t_floor": below_clip_t_floor(metrics, cfg.tune.min_clip_t),
@@ -401,7 +422,7 @@ def result_rows(grid: Any, cfg: Config) -> list[dict[str, Any]]:
             "val_cos_self": metrics.get("val_cos_self", float("nan")),
             "output_dir": str(folder) if trial_id else "",
         })
-    rows.sort(key=lambda r: (r["layer_set"], r["loss_extras"], r["lambda_self"], r["alpha"], r["seed"]))
+    rows.sort(key=lambda r: _params_key(r, ("layer_set", "loss_extras", "lambda_self", "beta", "alpha", "seed")))
     return rows
 
 
@@ -424,7 +445,7 @@ def best_row(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
         return None
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in scored:
-        groups.setdefault(tuple(row[key] for key in PARAMS if key != "seed"), []).append(row)
+        groups.setdefault(_params_key(row, [key for key in PARAMS if key != "seed"]), []).append(row)
     means = {key: sum(float(r["objective"]) for r in group) / len(group) for key, group in groups.items()}
     best = (min if mode == "min" else max)(means, key=means.__getitem__)
     return {**groups[best][0], "objective": means[best], "seeds": len(groups[best])}
@@ -437,12 +458,19 @@ def write_best_config(cfg: Config, best: dict[str, Any], path: Path) -> Path:
     return best_cfg.save(path)
 
 
+def _params_key(row: dict[str, Any], keys: Sequence[str]) -> tuple:
+    """``row``'s values at ``keys`` as a sortable, hashable key: a parameter the method does not use (nan) becomes
+    -inf, since nan equals nothing, not even itself."""
+    return tuple(-math.inf if isinstance(row[k], float) and math.isnan(row[k]) else row[k] for k in keys)
+
+
 def _curve_groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Plot lines: one per layer set (and per lambda_self / extras when those vary). The deduplicated alpha = 0 trials
-    (no extras) are every line's baseline."""
-    vary_lambda = len({r["lambda_self"] for r in rows}) > 1
+    """Plot lines: one per layer set (and per lambda_self / extras / beta when those vary). The deduplicated
+    ms_adapter alpha = 0 trials (no extras) are every line's baseline."""
+    vary_lambda = len({r["lambda_self"] for r in rows if not math.isnan(r["lambda_self"])}) > 1
     vary_extras = len({r["loss_extras"] for r in rows}) > 1
-    baseline = [r for r in rows if r["alpha"] == 0 and r["loss_extras"] == "none"]
+    vary_beta = len({r["beta"] for r in rows if not math.isnan(r["beta"])}) > 1
+    baseline = [r for r in rows if r["alpha"] == 0 and r["loss_extras"] == "none" and math.isnan(r["beta"])]
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if row in baseline:
@@ -452,6 +480,8 @@ def _curve_groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
             label += f", λ_self={row['lambda_self']:g}"
         if vary_extras:
             label += f", {row['loss_extras']}"
+        if vary_beta:
+            label += f", β={row['beta']:g}"
         groups.setdefault(label, []).append(row)
     for label, group in groups.items():
         if group[0]["loss_extras"] == "none":

@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
+from mpalign import methods
 from mpalign.cli import UserInputError, check_writable, run_cli
 from mpalign.config import Config, ConfigError, add_config_args, config_from_args, config_from_dict, shipped_config
 from mpalign.models.alignment import check_alignment_config
@@ -118,6 +119,7 @@ def check_config(cfg: Config) -> None:
     """Every user mistake that can be found before Ray starts."""
     check_train_config(cfg.train)
     check_alignment_config(cfg.model)
+    methods.check_method(cfg)
     check_logger(cfg.train.logger)
     if cfg.train.strategy == "deepspeed":
         try:
@@ -140,6 +142,10 @@ def check_config(cfg: Config) -> None:
             raise UserInputError(f"the dataset at '{cfg.data.path}' has {rows} train samples, fewer than one step needs "
                                  f"({needed} = train.batch_size x grad_accum_steps x num_workers); see its rejects/ "
                                  f"and stats.json for why records were dropped")
+    if "://" not in samples and any(Path(samples).glob("*.parquet")):
+        import pyarrow.dataset as pads
+
+        methods.check_dataset_columns(cfg, pads.dataset(samples, format="parquet").schema.names)
 
 
 # Model settings a run's checkpoints are shaped by (everything but where it runs): a resume must keep them.
@@ -202,14 +208,12 @@ def load_datasets(cfg: Config) -> dict[str, Any]:
     from ray.data import FileShuffleConfig
     from ray.data.expressions import col
 
-    from mpalign.data.collate import training_columns
-
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # deterministic epochs (checkpoint data-position semantics)
     context.enable_progress_bars = False  # every epoch of every worker would draw its own; training prints steps
     uri = dataset_samples_uri(cfg)
     filesystem, files = _parquet_files(uri)
-    columns = training_columns(pq.read_schema(files[0], filesystem=filesystem).names) if files else None
+    columns = methods.training_columns(cfg, pq.read_schema(files[0], filesystem=filesystem).names) if files else None
     size_gb = sum(info.size or 0 for info in filesystem.get_file_info(files)) / 2**30
     materialize = size_gb <= cfg.train.materialize_max_gb
     # A materialized split is read once: its file order stays that of the seed, and epochs differ by the local shuffle
@@ -396,9 +400,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from mpalign.data.collate import RowsCollateFn
-    from mpalign.models.training_module import MPAlignTrainingModule
-
     started = time.perf_counter()  # the share of the worker's time spent on fidelity evaluations is measured from here
     cfg = config_from_dict(loop_config["config"])
     train = cfg.train
@@ -409,8 +410,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # Frozen encoders whose outputs the dataset caches are not kept; the validation grid needs the VAE, text and
     # image encoders. Every rank loads the same set: DDP broadcasts rank 0's module state to the others.
-    module = MPAlignTrainingModule.from_config(cfg, device=device, cached_keys=loop_config["dataset_columns"],
-                                               generation=bool(loop_config["val_examples"] or loop_config["fidelity"]))
+    module = methods.training_module(cfg, device=device, cached_keys=loop_config["dataset_columns"],
+                                     generation=bool(loop_config["val_examples"] or loop_config["fidelity"]))
     if train.gradient_checkpointing:
         module.enable_gradient_checkpointing()
     module.train()
@@ -426,7 +427,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     metrics_logger = (make_logger(train.logger, train.output_dir, RUN_NAME, loop_config["config"])
                       if rank == 0 else NullLogger())
 
-    collate = RowsCollateFn(cfg)
+    collate = methods.collate_fn(cfg)
     rows_per_step = train.batch_size * train.grad_accum_steps
     val_batches: list[dict[str, torch.Tensor]] = []
     if rank == 0 and train.val_every > 0:
@@ -587,13 +588,14 @@ class StepReporter:
 def progress_line(metrics: dict[str, Any], max_steps: int) -> str:
     """One line per report on the driver's console: the main loss terms, then validation when it ran."""
     parts = [f"step {metrics['step']}/{max_steps}"]
-    parts += [f"{key} {metrics[key]:.4g}" for key in ("loss", "diffusion", "cross", "self", "alpha", "lr")
+    parts += [f"{key} {metrics[key]:.4g}" for key in ("loss", "diffusion", "cross", "self", "scal", "mdl", "alpha", "lr")
               if key in metrics]
     parts.append(f"{metrics['img_per_s']:.1f} img/s")
     if metrics.get("skipped_steps"):
         parts.append(f"non-finite steps skipped {metrics['skipped_steps']}")
     if "objective" in metrics:
-        parts.append(f"| val objective {metrics['objective']:.4g} cos_cross {metrics.get('val_cos_cross', 0):.3f}")
+        parts.append(f"| val objective {metrics['objective']:.4g}")
+        parts += [f"{key[4:]} {metrics[key]:.3f}" for key in ("val_cos_cross", "val_scal") if key in metrics]
     if "eval_share" in metrics:
         parts.append(f"fidelity eval {metrics['eval_share']:.0%} of the time")
     return "  ".join(parts)

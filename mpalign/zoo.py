@@ -244,6 +244,121 @@ def load_sdxl_encoders(cfg: ModelConfig, dtype: str | torch.dtype | None = None,
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# FLUX (the MOSAIC method's base model)
+# --------------------------------------------------------------------------------------------------------------------
+
+TINY_FLUX_TEXT_HIDDEN = 32  # CLIP (pooled projections) and T5 (joint attention) widths of the tiny preset
+TINY_FLUX_MAX_TEXT_TOKENS = 32
+
+
+@dataclass
+class FluxComponents:
+    transformer: Any
+    vae: Any
+    text_encoder: Any
+    text_encoder_2: Any
+    tokenizer: Any
+    tokenizer_2: Any
+    scheduler: Any
+
+    def as_pipeline_kwargs(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def tiny_flux_transformer_config() -> dict[str, Any]:
+    """FLUX.1-dev's transformer in miniature: dual-stream then single-stream blocks, 64 input channels (16 latent
+    channels packed 2x2), guidance embedding, three RoPE axes (index, row, column) summing to the head width."""
+    return {
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 2,
+        "num_single_layers": 2,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": TINY_FLUX_TEXT_HIDDEN,
+        "pooled_projection_dim": TINY_FLUX_TEXT_HIDDEN,
+        "guidance_embeds": True,
+        "axes_dims_rope": (4, 6, 6),
+    }
+
+
+def _flux_scheduler_config() -> dict[str, Any]:
+    """FLUX.1-dev's flow-matching scheduler settings (resolution-dependent shift)."""
+    return {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+            "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
+def _tiny_flux(seed: int) -> FluxComponents:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from mpalign.tokenizers import tiny_clip_tokenizer, tiny_clip_vocab_size
+
+    tokenizer = tiny_clip_tokenizer()
+    vocab = tiny_clip_vocab_size()
+    bos, eos = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
+    hidden = TINY_FLUX_TEXT_HIDDEN
+    with _seeded(seed + 60):
+        transformer = FluxTransformer2DModel(**tiny_flux_transformer_config())
+    with _seeded(seed + 61):  # FLUX's VAE: 16 latent channels, 8x down-sampling, no quant convs, shift + scale
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32, 32, 32),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=1, norm_num_groups=8, sample_size=128, scaling_factor=0.3611,
+                            shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    with _seeded(seed + 62):
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos))
+    with _seeded(seed + 63):
+        # T5's role with the tiny CLIP vocabulary: no T5 sentencepiece model can be fetched offline
+        text_encoder_2 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=hidden, d_kv=8, d_ff=2 * hidden,
+                                                 num_layers=2, num_heads=4, pad_token_id=eos, eos_token_id=eos))
+    scheduler = FlowMatchEulerDiscreteScheduler(**_flux_scheduler_config())
+    return FluxComponents(transformer, vae, text_encoder, text_encoder_2, tokenizer,
+                          tiny_clip_tokenizer(TINY_FLUX_MAX_TEXT_TOKENS), scheduler)
+
+
+def load_flux_tokenizers(cfg: ModelConfig) -> tuple[Any, Any]:
+    """FLUX's CLIP and T5 tokenizers alone: data collation needs token ids, not the 12B-parameter transformer."""
+    _check_preset(cfg)
+    if cfg.preset == "tiny":
+        from mpalign.tokenizers import tiny_clip_tokenizer
+
+        return tiny_clip_tokenizer(), tiny_clip_tokenizer(TINY_FLUX_MAX_TEXT_TOKENS)
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    # AutoTokenizer: FLUX.1-dev's tokenizer_2 is a T5TokenizerFast; a saved tiny preset's is the tiny CLIP one
+    return (_pretrained(CLIPTokenizer, cfg.flux, "FLUX CLIP tokenizer", subfolder="tokenizer"),
+            _pretrained(AutoTokenizer, cfg.flux, "FLUX T5 tokenizer", subfolder="tokenizer_2"))
+
+
+def load_flux(cfg: ModelConfig, dtype: str | torch.dtype | None = None, device: str | None = None) -> FluxComponents:
+    """FLUX's parts from a diffusers repo id / folder (``model.flux``: subfolders transformer, vae, text_encoder,
+    text_encoder_2, tokenizer, tokenizer_2, scheduler), or the tiny preset."""
+    _check_preset(cfg)
+    if cfg.preset == "tiny":
+        parts = _tiny_flux(cfg.seed)
+    else:
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from transformers import CLIPTextModel, T5EncoderModel
+
+        name = cfg.flux
+        tokenizer, tokenizer_2 = load_flux_tokenizers(cfg)
+        parts = FluxComponents(
+            transformer=_pretrained(FluxTransformer2DModel, name, "FLUX transformer", subfolder="transformer"),
+            vae=_pretrained(AutoencoderKL, name, "FLUX VAE", subfolder="vae"),
+            text_encoder=_pretrained(CLIPTextModel, name, "FLUX CLIP text encoder", subfolder="text_encoder"),
+            text_encoder_2=_pretrained(T5EncoderModel, name, "FLUX T5 text encoder", subfolder="text_encoder_2"),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            scheduler=_pretrained(FlowMatchEulerDiscreteScheduler, name, "FLUX scheduler", subfolder="scheduler"),
+        )
+    for module in (parts.transformer, parts.vae, parts.text_encoder, parts.text_encoder_2):
+        _place(module, cfg, dtype, device).requires_grad_(False)
+    return parts
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Image encoders
 # --------------------------------------------------------------------------------------------------------------------
 

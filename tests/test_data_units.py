@@ -308,7 +308,7 @@ def _documented_columns(section: str) -> list[str]:
 def test_docs_describe_exactly_the_written_columns():
     from mpalign.data.schema import REJECT_SCHEMA, sample_schema
 
-    everything_on = DataConfig(cache_dinov2_patch_grid=True)
+    everything_on = DataConfig(cache_dinov2_patch_grid=True, correspondences=True)
     assert _documented_columns("samples") == sample_schema(everything_on).names
     assert _documented_columns("rejects") == REJECT_SCHEMA.names
 
@@ -322,14 +322,14 @@ def test_auto_layout_chains_every_stage_on_cpus_and_splits_them_on_gpus():
     assert cpu_only == [(STAGE_NAMES, {"concurrency": 2, "num_cpus": 1.0, "num_gpus": 0.0, "memory_gb": 0.0})]
     gpu = _pools(["data.stages.encode.num_gpus=1", "data.stages.encode.concurrency=2"], {"CPU": 16.0, "GPU": 2.0})
     assert [names for names, _ in gpu] == [(name,) for name in STAGE_NAMES]
-    assert [s["concurrency"] for _, s in gpu] == [1, 1, 1, 1, 2] and gpu[-1][1]["num_gpus"] == 1.0
+    assert [s["concurrency"] for _, s in gpu] == [1, 1, 1, 1, 2, 1] and gpu[4][1]["num_gpus"] == 1.0
     chain_on_gpus = _pools(["data.chain.num_gpus=0.5"], {"CPU": 16.0, "GPU": 2.0})  # asked for: not ignored
     assert chain_on_gpus == [(STAGE_NAMES, {"concurrency": 4, "num_cpus": 1.0, "num_gpus": 0.5, "memory_gb": 0.0})]
 
 
 def test_pools_are_scaled_down_to_fit_the_cluster():
     per_stage = _pools(["data.stage_layout=per_stage"], {"CPU": 2.0})
-    assert [s["num_cpus"] for _, s in per_stage] == pytest.approx([0.4] * 5)  # five 1-CPU actors on two cores
+    assert [s["num_cpus"] for _, s in per_stage] == pytest.approx([1 / 3] * 6)  # six 1-CPU actors on two cores
     chain = _pools(["data.stage_layout=chain", "data.chain.num_gpus=0.5"], {"CPU": 8.0, "GPU": 2.0})
     assert chain == [(STAGE_NAMES, {"concurrency": 4, "num_cpus": 1.0, "num_gpus": 0.5, "memory_gb": 0.0})]
     big_models = _pools(["data.stage_layout=chain", "data.chain.memory_gb=16"], {"CPU": 64.0, "memory": 100 * 2**30})

@@ -68,7 +68,8 @@ def test_alpha_zero_runs_once_per_seed():
     assert len({tuple(sorted(p.items())) for p in points}) == len(points)
     extras = load_config("configs/sdxl.yaml", ["tune.loss_extras=[none,attn]"])
     assert len([p for p in grid_points(extras) if p["alpha"] == 0]) == 1 + 4
-    assert trial_params({"point": points[0]}, cfg) == points[0]
+    params = trial_params({"point": points[0]}, cfg)
+    assert math.isnan(params.pop("beta")) and params == points[0]  # beta is MOSAIC's: nan for ms_adapter
 
 
 def test_first_rung_comes_after_the_warm_up():
@@ -98,9 +99,10 @@ def test_clip_t_floor_ranks_a_prompt_ignoring_trial_last():
     assert objective(low, "diffusion", 0.2) == math.inf
     assert objective(low, "dino", None) == 0.9
 
-    def row(alpha, value, below, seed=0):
-        return {"alpha": alpha, "layer_set": "down+mid", "lambda_self": 1.0, "loss_extras": "none", "seed": seed,
-                "objective": value, "below_clip_t_floor": below, "status": "finished", "early_stopped": False}
+    def row(alpha, value, below, seed=0):  # beta: MOSAIC's, nan (a new object per row, as trial_params makes them)
+        return {"alpha": alpha, "beta": float("nan"), "layer_set": "down+mid", "lambda_self": 1.0,
+                "loss_extras": "none", "seed": seed, "objective": value, "below_clip_t_floor": below,
+                "status": "finished", "early_stopped": False}
 
     rows = [row(0.1, 0.9, True), row(0.01, 0.5, False), row(0.01, 0.7, False, seed=1), row(0.0, 0.55, False)]
     best = best_row(rows, "max")

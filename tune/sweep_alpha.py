@@ -11,6 +11,7 @@ and best_config.yaml (run it with ``python -m mpalign.train --config .../best_co
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 
 from mpalign.cli import check_writable, run_cli
@@ -37,8 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if row["below_clip_t_floor"]:
             flag += " (CLIP-T below tune.min_clip_t)"
         cost = f" eval_share={row['eval_share']:.0%}" if row["eval_share"] == row["eval_share"] else ""
-        print(f"alpha={row['alpha']:<8g} layers={row['layer_set']:<12} lambda_self={row['lambda_self']:<4g} "
-              f"extras={row['loss_extras']:<10} seed={row['seed']:<3} {row['metric']}={row['objective']:.5f} "
+        knobs = (f"beta={row['beta']:<5g}" if not math.isnan(row["beta"])
+                 else f"lambda_self={row['lambda_self']:<4g} extras={row['loss_extras']:<10}")
+        print(f"alpha={row['alpha']:<8g} layers={row['layer_set']:<12} {knobs} "
+              f"seed={row['seed']:<3} {row['metric']}={row['objective']:.5f} "
               f"diffusion={row['diffusion']:.5f}{cost} step={row['step']}{flag}")
     shares = [row["eval_share"] for row in outcome.rows if row["eval_share"] == row["eval_share"]]
     if shares:

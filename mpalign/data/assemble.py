@@ -45,6 +45,9 @@ def sample_row(target: dict[str, Any], reference: dict[str, Any] | None, cfg: Da
         matches = match_subjects(unpack_array(target["dino_cls"]), unpack_array(reference["dino_cls"]),
                                  cfg.match_min_similarity)
         sources = [(reference, j, sim) if j is not None else (target, i, 1.0) for i, (j, sim) in enumerate(matches)]
+    correspondences = None
+    if target.get("correspondence_ref_tokens") is not None:
+        sources, correspondences = _correspondences(target, sources, cfg)
     row = {name: target.get(name) for name in _TARGET_COLUMNS}
     split_key = target["video_id"] if target["video_id"] is not None else target["id"]
     row.update(
@@ -57,6 +60,9 @@ def sample_row(target: dict[str, Any], reference: dict[str, Any] | None, cfg: Da
         reference_boxes=[src["boxes"][j] for src, j, _ in sources],
         reference_similarity=[sim for _, _, sim in sources],
     )
+    if correspondences is not None:
+        row["correspondence_ref_tokens"] = [m.ref_tokens.tolist() for m in correspondences]
+        row["correspondence_target_tokens"] = [m.target_tokens.tolist() for m in correspondences]
     for name in _REFERENCE_ARRAYS:
         if target.get(name) is not None:
             row[name] = pack_array(np.stack([unpack_array(src[name])[j] for src, j, _ in sources]))
@@ -65,6 +71,35 @@ def sample_row(target: dict[str, Any], reference: dict[str, Any] | None, cfg: Da
     # i.e. the other frame when any subject was matched there, else the target itself (its own crops)
     row["dino_ref_image_patch_pooled"] = (reference if matched else target)["dino_patch_pooled"]
     return row, matched
+
+
+def _correspondences(target: dict[str, Any], sources: list[tuple[dict[str, Any], int, float]], cfg: DataConfig):
+    """(sources, matches): the correspondence stage matched each subject's own crop; a subject whose reference comes
+    from another frame is matched again with that crop's features, and falls back to its own crop when that gives
+    fewer than ``data.correspondence_min_points``. Disjointness (eq. 2) is applied over the final references."""
+    from mpalign.data.correspondence import match_subjects
+
+    if all(src is target for src, _, _ in sources):
+        from mpalign.data.correspondence import Matches
+
+        return sources, [Matches(np.asarray(u, np.int64), np.asarray(v, np.int64), np.zeros(len(u), np.float32))
+                         for u, v in zip(target["correspondence_ref_tokens"], target["correspondence_target_tokens"])]
+    target_features = unpack_array(target["corr_target_features"])
+    regions = list(unpack_array(target["corr_target_regions"]))
+
+    def match(chosen):
+        features = [unpack_array(src["corr_crop_features"])[j] for src, j, _ in chosen]
+        foreground = [unpack_array(src["corr_crop_foreground"])[j] for src, j, _ in chosen]
+        return match_subjects(features, foreground, target_features, regions, cfg.correspondence_min_similarity,
+                              cfg.correspondence_points)
+
+    matches = match(sources)
+    poor = [i for i, ((src, _, _), m) in enumerate(zip(sources, matches))
+            if src is not target and len(m) < cfg.correspondence_min_points]
+    if poor:
+        sources = [(target, i, 1.0) if i in poor else source for i, source in enumerate(sources)]
+        matches = match(sources)
+    return sources, matches
 
 
 def assemble_shard(rows: list[dict[str, Any]], cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]],

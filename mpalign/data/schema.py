@@ -30,6 +30,7 @@ CACHE_COLUMNS = {
     "cache_clip": ("clip_hidden",),
     "cache_vae": ("latents", "latents_std"),
     "cache_text": ("prompt_embeds", "pooled_prompt_embeds", "phrase_embeds"),
+    "correspondences": ("correspondence_ref_tokens", "correspondence_target_tokens"),
 }
 
 BOX = pa.list_(pa.float32(), 4)
@@ -66,6 +67,8 @@ _SAMPLE_FIELDS = [
     ("prompt_embeds", pa.binary()),
     ("pooled_prompt_embeds", pa.binary()),
     ("phrase_embeds", pa.binary()),
+    ("correspondence_ref_tokens", pa.list_(pa.list_(pa.int32()))),
+    ("correspondence_target_tokens", pa.list_(pa.list_(pa.int32()))),
 ]
 
 REJECT_SCHEMA = pa.schema([
@@ -95,6 +98,7 @@ REJECT_REASONS = {
     "too_many_subjects": "the caption names more subjects than data.max_subjects",
     "no_detection": "no phrase got a box that passes the thresholds and the box rules",
     "non_finite_cache": "an encoder output has NaN/inf values (the detail names the columns), e.g. a float16 VAE",
+    "poor_correspondence": "a subject got fewer than data.correspondence_min_points reference/target matches",
     "stage_error": "a stage raised on this record alone, or its sample did not fit the schema (stage \"write\"); the "
                    "detail names the exception",
 }

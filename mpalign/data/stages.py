@@ -13,6 +13,7 @@ costs only itself (``stage_error``), never its batch or the job.
 from __future__ import annotations
 
 import abc
+import io
 import time
 from typing import Any
 
@@ -27,7 +28,7 @@ from mpalign.data.phrases import NounLexicon, extract_phrases, token_positions, 
 from mpalign.data.schema import BOX, decode_png, encode_png, pack_array, unpack_array
 from mpalign.data.segmentation import box_mask, reference_crop, segment_boxes
 
-STAGE_NAMES = ("decode", "phrases", "detect", "segment", "encode")
+STAGE_NAMES = ("decode", "phrases", "detect", "segment", "encode", "correspond")
 
 _ARRAY = pa.binary()
 WORK_SCHEMA = pa.schema([
@@ -45,6 +46,11 @@ WORK_SCHEMA = pa.schema([
     ("dino_patch_grid", _ARRAY), ("clip_hidden", _ARRAY), ("latents", _ARRAY), ("latents_std", _ARRAY),
     ("prompt_embeds", _ARRAY),
     ("pooled_prompt_embeds", _ARRAY), ("phrase_embeds", _ARRAY),
+    # correspondence stage: matches per subject, and the features frame pairs re-match with in assembly
+    ("correspondence_ref_tokens", pa.list_(pa.list_(pa.int32()))),
+    ("correspondence_target_tokens", pa.list_(pa.list_(pa.int32()))),
+    ("corr_crop_features", _ARRAY), ("corr_crop_foreground", _ARRAY), ("corr_target_features", _ARRAY),
+    ("corr_target_regions", _ARRAY),
     *[(f"t_{name}", pa.float64()) for name in STAGE_NAMES],
 ])
 
@@ -273,7 +279,63 @@ class EncodeStage(Stage):
                 row[key] = pack_array(values[i])
 
 
-STAGES = {cls.name: cls for cls in (DecodeStage, PhraseStage, DetectStage, SegmentStage, EncodeStage)}
+class CorrespondenceStage(Stage):
+    """MOSAIC's correspondence data (``data.correspondences``; passes rows through when off): per subject, mutual
+    nearest neighbours of DINOv2 patch features between its reference crop and its target region, as token indices
+    at FLUX's latent grid, disjoint across subjects (``mpalign.data.correspondence``). A subject with fewer than
+    ``data.correspondence_min_points`` rejects the record (``poor_correspondence``)."""
+
+    name = "correspond"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.dinov2 = None
+        if cfg.data.correspondences:
+            from mpalign.zoo import load_dinov2
+
+            self.dinov2 = load_dinov2(cfg.model)
+
+    def process(self, rows: list[dict[str, Any]]) -> None:
+        if self.dinov2 is None:
+            return
+        from mpalign.data.correspondence import (
+            check_matches,
+            foreground_tokens,
+            match_subjects,
+            target_region_tokens,
+        )
+        from mpalign.data.segmentation import BACKGROUND_FILL
+        from mpalign.encoders import dinov2_patch_tokens
+        from mpalign.models.mosaic import TOKEN_PIXELS
+
+        data = self.cfg.data
+        ref_grid, target_grid = data.crop_size // TOKEN_PIXELS, data.image_size // TOKEN_PIXELS
+        crops = [[decode_png(c) for c in r["crops"]] for r in rows]
+        flat = [Image.fromarray(c) for row in crops for c in row]
+        crop_features = dinov2_patch_tokens(self.dinov2, flat, ref_grid).float().cpu().numpy()
+        target_features = dinov2_patch_tokens(self.dinov2, [Image.open(io.BytesIO(r["image"])).convert("RGB")
+                                                            for r in rows], target_grid).float().cpu().numpy()
+        counts = [len(c) for c in crops]
+        for row, row_crops, features, target in zip(rows, crops, _split(crop_features, counts), target_features):
+            foreground = np.stack([foreground_tokens(c, ref_grid, BACKGROUND_FILL) for c in row_crops])
+            masks = [decode_png(m) for m in row["masks"]]
+            regions = np.stack([target_region_tokens(b, m, target_grid) for b, m in zip(row["boxes"], masks)])
+            matches = match_subjects(list(features), list(foreground), target, list(regions),
+                                     data.correspondence_min_similarity, data.correspondence_points)
+            problem = check_matches(matches, row["phrases"], data.correspondence_min_points)
+            if problem:
+                reject(row, "poor_correspondence", problem, self.name)
+                continue
+            row.update(correspondence_ref_tokens=[m.ref_tokens.tolist() for m in matches],
+                       correspondence_target_tokens=[m.target_tokens.tolist() for m in matches],
+                       corr_crop_features=pack_array(features.astype(np.float16)),
+                       corr_crop_foreground=pack_array(foreground),
+                       corr_target_features=pack_array(target.astype(np.float16)),
+                       corr_target_regions=pack_array(regions))
+
+
+STAGES = {cls.name: cls for cls in (DecodeStage, PhraseStage, DetectStage, SegmentStage, EncodeStage,
+                                    CorrespondenceStage)}
 
 
 class StageChain:

@@ -35,14 +35,15 @@ def safe_name(name: str) -> str:
 def generate_rows(pipe: Any, requests: list[dict[str, Any]], cfg: Config, adapter: str,
                   image_dir: Path) -> list[dict[str, Any]]:
     """Generate ``eval.images_per_prompt`` images per request (a sample and a seed) with ``pipe`` (an
-    ``MPAlignPipeline``), save them as PNG under ``image_dir`` and return one row per image."""
+    ``MPAlignPipeline`` or a ``MosaicPipeline``, which takes no ``eval.negative_prompt``), save them as PNG under
+    ``image_dir`` and return one row per image."""
     image_dir.mkdir(parents=True, exist_ok=True)
     ev = cfg.eval
     rows = []
     for req in requests:
         images = pipe.generate(
             req["prompt"], [load_rgb(refs[0]) for refs in req["references"]], req["boxes"], req["phrases"],
-            negative_prompt=ev.negative_prompt, guidance_scale=ev.guidance_scale,
+            negative_prompt=ev.negative_prompt if pipe.takes_negative_prompt else "", guidance_scale=ev.guidance_scale,
             num_inference_steps=ev.num_inference_steps, seed=req["seed"], height=ev.height, width=ev.width,
             num_images=ev.images_per_prompt,
         )

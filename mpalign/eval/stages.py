@@ -9,6 +9,7 @@ fidelity evaluation of sweep trials. Devices follow ``model.device`` ("auto" = C
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -24,13 +25,17 @@ log = logging.getLogger(__name__)
 
 
 class GenerationStage:
-    """Ray Data actor: one ``MPAlignPipeline`` (SDXL + the adapter in ``adapter_dir``, or a fresh one) per actor."""
+    """Ray Data actor: one pipeline per actor, of the method that wrote the adapter in ``adapter_dir`` (an
+    ``MPAlignPipeline`` or a ``MosaicPipeline``), or a fresh adapter of ``model.method``."""
 
     def __init__(self, cfg: Config, adapter_dir: str | None, adapter: str, image_dir: str):
-        from mpalign.pipeline import MPAlignPipeline
+        from mpalign import methods
 
         self.cfg, self.adapter, self.image_dir = cfg, adapter, Path(image_dir)
-        self.pipe = MPAlignPipeline.from_config(cfg, adapter_dir=adapter_dir)
+        if adapter_dir:  # each column generates with the method that trained its adapter
+            cfg = copy.deepcopy(cfg)
+            cfg.model.method = methods.adapter_method(adapter_dir)
+        self.pipe = methods.pipeline(cfg, adapter_dir=adapter_dir)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist(generate_rows(self.pipe, batch.to_pylist(), self.cfg, self.adapter, self.image_dir))

@@ -22,7 +22,7 @@ from PIL import Image
 
 from mpalign.config import Config
 
-VAL_TERMS = ("loss", "diffusion", "cross", "self", "cos_cross", "cos_self", "attn", "disentangle")
+VAL_TERMS = ("loss", "diffusion", "cross", "self", "cos_cross", "cos_self", "attn", "disentangle", "scal", "mdl")
 
 
 def validation_metrics(module: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], step: int,
@@ -70,6 +70,9 @@ def module_generation(module: torch.nn.Module) -> Iterator[Any]:
     generation at ``model.scale``: the training scale is restored on the way out."""
     from mpalign.pipeline import MPAlignPipeline
 
+    if module.cfg.model.method == "mosaic":  # MOSAIC's pipeline holds its own FLUX parts: weights go by folder
+        yield _mosaic_pipeline(module)
+        return
     pipeline = MPAlignPipeline(module.sdxl, module.image_encoder, module.adapter, scale=module.cfg.model.scale,
                                attached=True)
     try:
@@ -77,6 +80,25 @@ def module_generation(module: torch.nn.Module) -> Iterator[Any]:
             yield pipeline
     finally:
         module.adapter.set_scale(1.0)
+
+
+_MOSAIC_PIPELINES: dict[int, Any] = {}
+
+
+def _mosaic_pipeline(module: torch.nn.Module) -> Any:
+    """The MOSAIC pipeline of this worker's training module (built once), with the module's adapter weights now."""
+    import tempfile
+
+    from mpalign import methods
+
+    with tempfile.TemporaryDirectory(prefix="mpalign-val-") as directory:
+        module.save_adapter(directory)
+        if id(module) not in _MOSAIC_PIPELINES:
+            device = next(module.parameters()).device
+            _MOSAIC_PIPELINES[id(module)] = methods.pipeline(module.cfg, adapter_dir=directory, device=device)
+        else:
+            _MOSAIC_PIPELINES[id(module)].load_adapter(directory)
+    return _MOSAIC_PIPELINES[id(module)]
 
 
 class ValidationGrid:
