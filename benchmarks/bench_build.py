@@ -13,7 +13,7 @@ stage layouts (``data.stage_layout``: one actor pool running the whole chain, th
 stage) and its chain layout is compared with the faster sequential run. The sequential runs share this warm process
 (imports done), while Ray's actors import torch, transformers and spaCy afresh, so the start-up comparison favours
 the sequential loop. ``--size full`` needs no Ray for the stage-alone timings; the whole pipeline runs on Ray when it is
-installed, else sequentially (and says so). Without spaCy (the GPU image lacks it) the phrase stage is skipped and
+installed (and not --pipeline-executor local), else sequentially (and says so). Without spaCy (the GPU image lacks it) the phrase stage is skipped and
 the sample's ground-truth phrases feed the detector.
 """
 
@@ -211,14 +211,17 @@ def bench_full(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for name, seconds in alone.items():
         print(f"  {name:8s} alone: {1000 * seconds:8.1f} ms/img  {1 / seconds:8.2f} img/s")
     print(f"  sum of stages: {1000 * total:.1f} ms/img → ideal pipelined rate 1/sum = {1 / total:.2f} img/s")
-    try:
-        import ray  # noqa: F401
+    executor = "local"
+    if args.pipeline_executor == "auto" and "phrases" in names:
+        try:
+            import ray  # noqa: F401
 
-        executor = "ray" if "phrases" in names else "local"
-    except ImportError:
-        executor = "local"
+            executor = "ray"
+        except ImportError:
+            pass
     if executor == "local":
-        print("  whole pipeline: Ray or spaCy missing here, so the sequential loop runs it (no overlap to measure)")
+        print("  whole pipeline: sequential loop (Ray or spaCy missing here, or --pipeline-executor local): no "
+              "overlap to measure")
     gpus = {"detect": 0.25, "segment": 0.5, "encode": 0.25}
     for name in STAGE_NAMES:
         cfg.data.stages.setdefault(name, StageConfig(batch_size=batch, num_gpus=gpus.get(name, 0.0)
@@ -263,6 +266,9 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--check-with-tiny-models", action="store_true",
                         help="--size full with the tiny zoo instead: a quick CPU check of that code path")
+    parser.add_argument("--pipeline-executor", choices=("auto", "local"), default="auto",
+                        help="--size full: the whole pipeline on Ray where it is installed (auto) or the sequential "
+                             "loop (local; benchmarks/gpu_suite.py runs without Ray)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)

@@ -110,6 +110,8 @@ def cached_batch(module: MPAlignTrainingModule, batch_size: int, resolution: int
 
     return {
         "latents": randn(batch_size, 4, side, side),
+        # the posterior's std the builder caches beside the mean (train.vae_latents=sample draws from it)
+        "latents_std": randn(batch_size, 4, side, side).abs() * 0.01,
         "prompt_embeds": randn(batch_size, 77, sdxl.unet.config.cross_attention_dim),
         "pooled_prompt_embeds": randn(batch_size, sdxl.text_encoder_2.config.projection_dim),
         "phrase_embeds": randn(batch_size, subjects, phrase) * mask[..., None],
