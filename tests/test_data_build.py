@@ -325,15 +325,15 @@ def test_a_non_finite_cache_is_rejected_with_its_column_and_the_other_records_pa
 
     import mpalign.encoders
 
-    real_vae_latents = mpalign.encoders.vae_latents
+    real_vae_posterior = mpalign.encoders.vae_posterior
     calls = []
 
-    def vae_latents_nan_on_second_record(*args, **kwargs):
-        latents = real_vae_latents(*args, **kwargs)
-        calls.append(len(latents))
-        return torch.full_like(latents, float("nan")) if len(calls) == 2 else latents
+    def vae_posterior_nan_on_second_record(*args, **kwargs):
+        mean, std = real_vae_posterior(*args, **kwargs)
+        calls.append(len(mean))
+        return (torch.full_like(mean, float("nan")) if len(calls) == 2 else mean), std
 
-    monkeypatch.setattr(mpalign.encoders, "vae_latents", vae_latents_nan_on_second_record)
+    monkeypatch.setattr(mpalign.encoders, "vae_posterior", vae_posterior_nan_on_second_record)
     sample = generate_sample_dataset(tmp_path / "sample", SampleDataConfig(num_images=4, num_videos=0, image_size=64))
     cfg = load_config(overrides=[*OVERRIDES, "data.stages.encode.batch_size=1"])
     stats = build_dataset(cfg, input=str(sample), output=str(tmp_path / "out"), executor="local", log=lambda _: None)

@@ -339,7 +339,7 @@ def test_pools_are_scaled_down_to_fit_the_cluster():
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["data.stage_layout=pipelined"], "data.stage_layout must be one of auto, chain, per_stage"),
+    (["data.stage_layout=pipelined"], "data.stage_layout' must be one of auto, chain, per_stage"),
     (["data.stages.decoder.batch_size=4"], "unknown dataset stage"),
     (["data.stages.encode.num_gpus=1"], "ask for GPUs but the Ray cluster has none"),
     (["data.stage_layout=chain", "data.chain.num_gpus=1"], "ask for GPUs but the Ray cluster has none"),

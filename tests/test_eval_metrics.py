@@ -166,8 +166,8 @@ def test_registered_subject_metrics_become_columns(scorers, tmp_path, monkeypatc
     assert scored["box_brightness"] == pytest.approx(sum(per_subject) / 2)
     table = aggregate(pd.DataFrame([dict(scored, adapter="a")]), ["adapter"])
     assert table.loc[0, "box_brightness"] == pytest.approx(scored["box_brightness"])
-    with pytest.raises(ConfigError, match="no per-subject metric 'identity'"):
-        metrics.subject_metrics(["identity"])
+    with pytest.raises(ConfigError, match="no per-subject metric 'sharpness'"):
+        metrics.subject_metrics(["sharpness"])
 
 
 def test_box_pixels_stay_inside_and_nonempty():

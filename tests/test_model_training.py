@@ -303,6 +303,8 @@ def test_cached_encodings_leave_the_frozen_encoders_unloaded(module, batches, mo
     from mpalign.batch import ALWAYS_KEYS, CACHED_KEYS
     from mpalign.models.training_module import encoders_to_load
 
+    module = MPAlignTrainingModule.from_config(module.cfg)  # fully loaded, same initial adapter (other tests train theirs)
+
     def no_dinov2(*args, **kwargs):
         raise AssertionError("DINOv2 loaded although the dataset caches its features")
 
@@ -332,17 +334,18 @@ def test_frozen_weights_take_bf16_under_bf16_autocast():
 
 def test_validation_grid_shares_the_training_models(module, batches, examples):
     from mpalign.data.schema import encode_png
-    from mpalign.training.validation import ValidationExample, ValidationGrid
+    from mpalign.training.validation import ValidationExample, ValidationGrid, module_generation
 
     example = examples[0]
-    grid = ValidationGrid(module, [ValidationExample(example.caption, example.phrases, example.boxes,
-                                                     [encode_png(np.asarray(c)) for c in example.crops()])])
+    grid = ValidationGrid(module.cfg, [ValidationExample(example.caption, example.phrases, example.boxes,
+                                                         [encode_png(np.asarray(c)) for c in example.crops()])])
     before = module.validation_losses(batches[0], step=10)
-    image = grid.render()
+    with module_generation(module) as pipeline:
+        image = grid.render(pipeline)
     size = module.cfg.data.image_size
     assert image.size == ((len(example.boxes) + 1) * size, size)
-    pipe = grid.pipeline.pipe
-    assert pipe.unet is module.unet and pipe.vae is module.sdxl.vae and grid.pipeline.adapter is module.adapter
+    pipe = pipeline.pipe
+    assert pipe.unet is module.unet and pipe.vae is module.sdxl.vae and pipeline.adapter is module.adapter
     assert all(p.requires_grad and p.dtype == torch.float32 for p in module.adapter.parameters())
     assert all(processor.scale == 1.0 for processor in module.adapter.ip_layers)  # training scale restored
     torch.testing.assert_close(module.validation_losses(batches[0], step=10), before)

@@ -218,7 +218,7 @@ def test_deepspeed_config_fills_auto_entries_from_the_train_section():
     (["train.optimizer=sgd"], "train.optimizer must be one of"),
     (["train.vae_latents=mode"], "train.vae_latents must be one of"),
     (["model.align_cross_feature=attn1"], "model.align_cross_feature must be one of"),
-    (["model.align_self_target=crop"], "model.align_self_target must be one of"),
+    (["model.align_self_target=crop"], "model.align_self_target' must be one of"),
     (["data.path=/nonexistent/dataset"], "no built dataset at '/nonexistent/dataset'"),
 ])
 def test_cli_reports_user_mistakes_in_one_line(overrides, message, capsys):

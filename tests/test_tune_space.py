@@ -45,7 +45,7 @@ def test_trial_parameters_reach_the_training_config(tmp_path):
     ("tune.scheduler=pbt", "tune.scheduler must be"),
     ("train.val_every=0", "train.val_every >= 1"),
     ("tune.metric=objective", "tune.metric must be one of"),
-    ("tune.metric=identity", "registered by the toy preset"),
+    ("tune.metric=sharpness", "tune.metric must be one of"),
     ("tune.search=bayes", "tune.search must be one of"),
     ("tune.seeds=[]", "tune.seeds is empty"),
     ("tune.eval_samples=0", "set tune.eval_samples >= 1"),

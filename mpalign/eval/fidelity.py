@@ -35,8 +35,7 @@ FIDELITY_DIR = "fidelity"
 def check_metric(metric: str) -> None:
     allowed = [DIFFUSION, *FIDELITY_METRICS, *sorted(known_subject_metrics())]
     if metric not in allowed:
-        hint = " (registered by the toy preset)" if metric == "identity" else ""
-        raise ConfigError(f"tune.metric must be one of {allowed}, got '{metric}'{hint}")
+        raise ConfigError(f"tune.metric must be one of {allowed}, got '{metric}'")
 
 
 def metric_key(metric: str) -> str:
