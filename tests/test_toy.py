@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -54,8 +56,8 @@ def test_toy_benchmark_holds_out_identities_names_only_kinds_and_is_reproducible
             # colour and texture can only come from the reference ("blue" may still name the sky)
             assert f"{color} {shape}" not in sample.prompt and texture not in sample.prompt.split()
             assert Image.open(refs[0]).size == (64, 64)
-        ref_bytes = [open(r[0], "rb").read() for r in sample.references]
-        assert ref_bytes == [open(r[0].replace("/a/", "/b/"), "rb").read() for r in sample.references]
+        ref_bytes = [Path(r[0]).read_bytes() for r in sample.references]
+        assert ref_bytes == [Path(r[0].replace("/a/", "/b/")).read_bytes() for r in sample.references]
 
 
 def _ground_truth_image(sample, rng: np.random.Generator) -> Image.Image:

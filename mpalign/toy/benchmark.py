@@ -22,7 +22,17 @@ from PIL import Image
 
 from mpalign.config import ModelConfig
 from mpalign.eval.benchmarks import BenchmarkSample
-from mpalign.sample_data import BACKGROUNDS, COLORS, SHAPES, TEXTURES, SampleObject, _place_boxes, caption_for, is_held_out, render
+from mpalign.sample_data import (
+    BACKGROUNDS,
+    COLORS,
+    SHAPES,
+    TEXTURES,
+    SampleObject,
+    _place_boxes,
+    caption_for,
+    is_held_out,
+    render,
+)
 from mpalign.toy import classifier as attribute_classifier
 from mpalign.toy.world import ATTRIBUTES, subject_crop
 

@@ -194,11 +194,12 @@ def train_unet(sdxl, images: np.ndarray, captions: list[str], steps: int, seed: 
 def text_to_image_accuracy(sdxl_parts, classifier, count: int, seed: int, steps: int = 20) -> dict:
     """Single-object captions naming every attribute ("a dotted blue ring on sand"), generated from the caption alone;
     the classifier judges the whole picture (one object fills 55-90 % of it)."""
+    import random
+
     from diffusers import StableDiffusionXLPipeline
 
-    from mpalign.toy.world import attribute_labels, random_scene
     from mpalign.config import SampleDataConfig
-    import random
+    from mpalign.toy.world import attribute_labels, random_scene
 
     rng, np_rng = random.Random(seed), np.random.default_rng(seed)
     scenes = [random_scene(rng, np_rng, IMAGE_SIZE, 1, SampleDataConfig()) for _ in range(count)]
@@ -405,7 +406,7 @@ def pretrain(out: Path, parts: tuple[str, ...], scale: float, seed: int) -> dict
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     steps = {part: max(int(n * scale), 2) for part, n in STEPS.items()}
-    count = lambda n: max(int(n * min(scale * 4, 1.0)), 64)  # noqa: E731 - data shrinks with tiny smoke runs only
+    count = lambda n: max(int(n * min(scale * 4, 1.0)), 64)
     start = time.perf_counter()
     log(f"toy pretraining -> {out} (parts: {', '.join(parts)}; steps: {steps})")
     scenes, captions = scene_set(count(6000), seed, IMAGE_SIZE, "mixed", exclude_held_out=True)
@@ -432,7 +433,7 @@ def pretrain(out: Path, parts: tuple[str, ...], scale: float, seed: int) -> dict
         clip, processor, metrics["clip"] = train_clip(crops, labels, phrases, scenes[:count(2000)],
                                                       captions[:count(2000)], steps["clip"], seed)
         with torch.no_grad():
-            feats = lambda x: clip.get_image_features(pixel_values=_processed(processor.image_processor, x)).pooler_output  # noqa: E731
+            feats = lambda x: clip.get_image_features(pixel_values=_processed(processor.image_processor, x)).pooler_output
             metrics["clip"]["nn_attribute_accuracy"] = nearest_neighbour_accuracy(
                 feats(gallery), gallery_labels, feats(queries), query_labels)
         metrics["clip"]["cpu_minutes"] = round((time.perf_counter() - t) / 60, 1)
@@ -443,7 +444,7 @@ def pretrain(out: Path, parts: tuple[str, ...], scale: float, seed: int) -> dict
         t = time.perf_counter()
         dino, processor, metrics["dinov2"] = train_dinov2(crops, labels, steps["dinov2"], seed)
         with torch.no_grad():
-            feats = lambda x: dino(_processed(processor, x)).last_hidden_state[:, 0]  # noqa: E731
+            feats = lambda x: dino(_processed(processor, x)).last_hidden_state[:, 0]
             metrics["dinov2"]["nn_attribute_accuracy"] = nearest_neighbour_accuracy(
                 feats(gallery), gallery_labels, feats(queries), query_labels)
         metrics["dinov2"]["cpu_minutes"] = round((time.perf_counter() - t) / 60, 1)
