@@ -17,9 +17,10 @@ from mpalign.zoo import toy_weights
 
 TOY = ModelConfig(preset="toy", device="cpu")
 # The short training of the learning test, and the rise of colour accuracy over the untrained adapter it must show:
-# measured with these settings 0.10 -> 0.175 -> 0.225 after 0 / 750 / 1500 steps (chance 1/8); seeded, one thread.
+# measured with exactly this test (seeded, one thread) 0.100 -> 0.175 after 1 500 steps (chance 1/8); the toy
+# experiment's 3 seeds x 80 subjects gave +0.065 / +0.092 (docs/toy.md).
 TRAIN_STEPS = 1500
-IDENTITY_GAIN = 0.08
+IDENTITY_GAIN = 0.05
 
 
 def test_shipped_toy_weights_load_through_from_pretrained_with_the_real_classes():
