@@ -200,7 +200,8 @@ def test_bad_records_are_rejected_with_their_reason_and_nothing_else_is(built):
     stages = stats["this_run"]["stages"]
     assert stages["decode"]["rows_in"] == built["records"] - 3  # the three rejected while reading never entered
     assert stages["encode"]["rows_in"] == stats["samples"]
-    assert all(s["busy_s"] > 0 for s in stages.values())
+    # correspond is a pass-through without data.correspondences (MOSAIC): every other stage did work
+    assert all(s["busy_s"] > 0 for name, s in stages.items() if name != "correspond")
     assert json.loads((built["out"] / "stats.json").read_text()) == stats
 
 
