@@ -365,6 +365,10 @@ def _build_engine(module: torch.nn.Module, cfg: Config, device: torch.device, wo
     if cfg.train.strategy == "deepspeed":
         import deepspeed
 
+        if device.type == "cpu":
+            # On CPU, DeepSpeed's first init JIT-compiles a shared-memory all-reduce kernel (a minute of g++ on every
+            # fresh machine, and a build killed half-way leaves a lock that hangs every later run); gloo needs none.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         ds_config = _deepspeed_config(cfg, world_size)
         optimizer = None if "optimizer" in ds_config else build_optimizer(module, cfg.train)
         engine, optimizer, _, lr_scheduler = deepspeed.initialize(
