@@ -347,7 +347,8 @@ def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
     check_tune_config(cfg)
     # checked as the widest trial runs it (its GPU share, the layer set that taps the most blocks: most projectors)
     widest = {"alpha": cfg.tune.alpha_max, "layer_set": max(cfg.tune.layer_sets, key=lambda n: len(parse_layer_set(n))),
-              "lambda_self": cfg.tune.lambda_self[0], "loss_extras": cfg.tune.loss_extras[0]}
+              "lambda_self": cfg.tune.lambda_self[0], "loss_extras": cfg.tune.loss_extras[0],
+              "beta": max(cfg.tune.betas), "seed": cfg.tune.seeds[0]}
     check_config(trial_training_config(cfg, widest, cfg.tune.output_dir))
     cfg = _absolute_paths(cfg)
     if uses_fidelity(cfg) and cfg.tune.eval_benchmark:
