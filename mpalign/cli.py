@@ -11,6 +11,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from mpalign.config import ConfigError
 from mpalign.zoo import IncompatibleModelError, ModelLoadError
@@ -72,18 +73,39 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+# Set by --verbose; read where Ray is started, also inside Ray's own processes (which inherit the environment).
+VERBOSE_ENV = "MPALIGN_VERBOSE"
+
+
+def verbose_console() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
 def quiet_console(verbose: bool) -> None:
     """Our own lines on the console, unless ``verbose``: Ray Data's execution plans and progress summaries go to its
-    session log only (``ray_data_logging.yaml``), library warnings (deprecations) and download progress bars are
-    off. Environment variables, so that the Ray workers started later inherit them; a user's own setting wins."""
+    session log only (``ray_data_logging.yaml``), Ray's and Ray Train's INFO lines and Tune's status tables stay off
+    (:func:`start_ray`, ``verbose_console``), library warnings (deprecations) and download progress bars are off.
+    Environment variables, so that the Ray workers started later inherit them; a user's own setting wins."""
     if verbose:
+        os.environ[VERBOSE_ENV] = "1"
         return
+    os.environ.pop(VERBOSE_ENV, None)
     for name, value in (("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml"))),
                         ("RAY_DATA_DISABLE_PROGRESS_BARS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
                         ("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
                         ("PYTHONWARNINGS", "ignore")):
         os.environ.setdefault(name, value)
     warnings.filterwarnings("ignore")
+
+
+def start_ray(**options: Any) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS``, or start a local Ray, unless connected already; Ray's INFO lines
+    (where the dashboard is, ...) stay in its logs unless --verbose."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
+                 logging_level=logging.INFO if verbose_console() else logging.WARNING, **options)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

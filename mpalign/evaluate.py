@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mpalign.cli import USER_ERRORS, UserInputError, check_writable, run_cli
+from mpalign.cli import USER_ERRORS, UserInputError, check_writable, run_cli, start_ray
 from mpalign.config import Config, add_config_args, config_from_args
 from mpalign.eval.benchmarks import BenchmarkSample, expand_runs, load_benchmark
 
@@ -141,8 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mpalign.eval.stages import run_evaluation
 
     started = time.monotonic()
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    start_ray(include_dashboard=False)
     try:
         scores = run_evaluation(requests, cfg, adapters, out / "images")
     except ray.exceptions.RayError as exc:

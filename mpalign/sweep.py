@@ -24,7 +24,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from mpalign.cli import UserInputError
+from mpalign.cli import UserInputError, start_ray, verbose_console
 from mpalign.config import MOSAIC_BLOCKS, Config, ConfigError, config_from_dict
 from mpalign.eval.benchmarks import BUILTIN_BENCHMARKS
 from mpalign.eval.fidelity import (
@@ -276,8 +276,9 @@ class TrialEnds(Callback):
     hold its workers' CPUs/GPUs until the sweep ends, starving the trials after it. The workers report their
     placement group (``placement_group_id``) so the driver can release it."""
 
-    def __init__(self, trials_dir: str):
+    def __init__(self, trials_dir: str, metric: str = "", total: int = 0):
         self.trials_dir = trials_dir
+        self.metric, self.total, self.ended = metric, total, 0
 
     def _ended(self, trial: Any, status: str) -> None:
         import ray
@@ -286,7 +287,14 @@ class TrialEnds(Callback):
         folder = Path(self.trials_dir) / trial.trial_id
         folder.mkdir(parents=True, exist_ok=True)
         (folder / TRIAL_END).write_text(json.dumps({"status": status}))
-        pg_id = (trial.last_result or {}).get("placement_group_id")
+        result = trial.last_result or {}
+        self.ended += 1
+        drawn = {**trial.config.get("point", {}), **{k: v for k, v in trial.config.items() if k != "point"}}
+        point = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(drawn.items()))
+        objective = result.get("objective")
+        logger.info("trial %d/%d %s at step %s (%s): %s %s", self.ended, self.total, status, result.get("step", "-"),
+                    point, self.metric, "-" if objective is None else f"{objective:.4f}")
+        pg_id = result.get("placement_group_id")
         info = ray.util.placement_group_table().get(pg_id) if pg_id else None
         if info and info["state"] != "REMOVED":
             remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
@@ -337,9 +345,7 @@ def _absolute_paths(cfg: Config) -> Config:
 
 def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> SweepOutcome:
     """Run (or with ``resume``, restore and finish) the sweep, then write the results table, plot and best config."""
-    import os
 
-    import ray
     from ray import tune
 
     from mpalign.train import check_config
@@ -366,9 +372,11 @@ def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
         shutil.rmtree(out / TRIALS, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"))
+    start_ray()
     trainable = _trainable(cfg)
+    trial_ends = TrialEnds(str(out / TRIALS), cfg.tune.metric, expected_trials(cfg))
+    logger.info("sweep: %d trials of %d steps, ranked by %s, in %s", trial_ends.total, cfg.train.max_steps,
+                cfg.tune.metric, out)
     if resume and tune.Tuner.can_restore(str(experiment)):
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -380,7 +388,9 @@ def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
                                         scheduler=_scheduler(cfg), search_alg=_search_algorithm(cfg),
                                         num_samples=cfg.tune.num_samples,
                                         max_concurrent_trials=cfg.tune.max_concurrent_trials),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), callbacks=[TrialEnds(str(out / TRIALS))]),
+            # verbose=0: no status table every 30 s; TrialEnds prints one line per trial instead
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), callbacks=[trial_ends],
+                                      verbose=None if verbose_console() else 0),
         )
     grid = tuner.fit()
     rows = result_rows(grid, cfg)

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mpalign import methods
-from mpalign.cli import UserInputError, check_writable, run_cli
+from mpalign.cli import UserInputError, check_writable, run_cli, start_ray, verbose_console
 from mpalign.config import Config, ConfigError, add_config_args, config_from_args, config_from_dict, shipped_config
 from mpalign.models.alignment import check_alignment_config
 from mpalign.storage import check_storage, is_remote, remove_tree
@@ -291,8 +291,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     output_dir = Path(cfg.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(output_dir / "config.yaml")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"))
+    start_ray()
     datasets = load_datasets(cfg)
     train_cfg = cfg.train
     resources = {"CPU": train_cfg.cpus_per_worker}
@@ -316,6 +315,8 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
             callbacks=list(callbacks),
+            # Ray Train's own INFO lines (resources requested, worker group started, ...) stay in its log files
+            logging_config=ray.LoggingConfig(log_level="INFO" if verbose_console() else "WARNING"),
         ),
         datasets=datasets,
         # every worker sees the whole (small) val split: validation does not depend on the number of workers

@@ -132,3 +132,23 @@ def test_optuna_searches_log_alpha(ray_local, tmp_path):
     assert len(params) == 4
     assert all(1e-4 <= p["alpha"] <= 1e-1 and p["layer_set"] in cfg.tune.layer_sets for p in params)
     assert len({p["alpha"] for p in params}) == 4 and all(p["seed"] == 0 for p in params)
+
+
+def test_each_ended_trial_is_one_console_line(tmp_path, caplog):
+    """Tune's status table is off unless --verbose (RunConfig(verbose=0)); this line is what the console shows."""
+    import json
+    import logging
+    from types import SimpleNamespace
+
+    from mpalign.sweep import TRIAL_END, TrialEnds
+
+    ends = TrialEnds(str(tmp_path), "identity_color", total=2)
+    trial = SimpleNamespace(trial_id="t1", config={"point": {"alpha": 0.01, "layer_set": "down+mid", "seed": 0}},
+                            last_result={"objective": 0.1875, "step": 750})
+    with caplog.at_level(logging.INFO, logger="mpalign.sweep"):
+        ends.on_trial_complete(0, [], trial)
+        ends.on_trial_error(0, [], SimpleNamespace(trial_id="t2", config={"alpha": 0.5}, last_result=None))
+    assert caplog.messages == [
+        "trial 1/2 finished at step 750 (alpha=0.01, layer_set=down+mid, seed=0): identity_color 0.1875",
+        "trial 2/2 error at step - (alpha=0.5): identity_color -"]
+    assert json.loads((tmp_path / "t1" / TRIAL_END).read_text()) == {"status": "finished"}

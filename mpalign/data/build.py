@@ -32,6 +32,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mpalign.cli import start_ray
 from mpalign.config import STAGE_LAYOUTS, ActorPoolConfig, Config, ConfigError, StageConfig
 from mpalign.data.assemble import assemble_shard, safe_reject_row
 from mpalign.data.records import assign_shards, fingerprint, read_records
@@ -184,8 +185,7 @@ def _actors_that_fit(settings: ActorPoolConfig, cluster: dict[str, float]) -> in
 def _start_ray(cfg: Config, report: dict[str, Any]) -> list[tuple[tuple[str, ...], ActorPoolConfig]]:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+    start_ray(include_dashboard=False)
     pools = actor_pools(cfg, ray.cluster_resources())
     report["actor_pools"] = {"+".join(names): vars(s) for names, s in pools}
     print("[build] Ray Data actor pools: " + "; ".join(f"{'+'.join(names)} x{s.concurrency} ({s.num_cpus:g} CPU, "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mpalign.cli import UserInputError, run_cli
+from mpalign.cli import UserInputError, run_cli, start_ray
 from mpalign.config import Config, add_config_args, config_from_args
 from mpalign.eval.metrics import METRIC_NAMES, METRICS
 from mpalign.toy.benchmark import IDENTITY_METRICS
@@ -158,15 +157,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    import ray
 
     if not (Path(cfg.data.path) / "stats.json").is_file():
         from mpalign.data.build import build_dataset
 
         print(f"building the toy dataset in {cfg.data.path}")
         build_dataset(cfg)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    start_ray(include_dashboard=False)
     adapters, seconds = train_adapters(cfg, seeds, out)
     scores = evaluate_all(cfg, adapters, seeds, out)
     scores.drop(columns=[c for c in scores.columns if c.endswith("_per_subject")]).to_csv(out / "scores.csv",
