@@ -32,7 +32,12 @@ def check_method(cfg: Config) -> str:
 
 
 def check_dataset_columns(cfg: Config, columns: list[str]) -> None:
-    """MOSAIC's losses need the correspondence stage's columns: fail before training, not at the first step."""
+    """What the method reads must be cached: MOSAIC's losses need the correspondence stage's columns, drawing from
+    the VAE posterior its std. Fail before training, not at the first step inside Ray."""
+    if cfg.train.vae_latents == "sample" and "latents" in columns and "latents_std" not in columns:
+        raise ConfigError(f"the dataset at '{cfg.data.path}' caches no posterior std ('latents_std', builders before "
+                          f"release parity), which train.vae_latents=sample draws with: rebuild it, or set "
+                          f"train.vae_latents=mean")
     wants_losses = cfg.train.alpha > 0 or cfg.train.beta > 0
     if check_method(cfg) == "mosaic" and wants_losses and not set(MOSAIC_COLUMNS) <= set(columns):
         raise ConfigError(f"the dataset at '{cfg.data.path}' has no correspondences, which MOSAIC's SCAL and MDL "

@@ -260,3 +260,17 @@ def test_optimizer_choices(shared_module):
     else:
         eight_bit = build_optimizer(shared_module, load_config(overrides=["train.optimizer=adamw_8bit"]).train)
         assert isinstance(eight_bit, bitsandbytes.optim.AdamW8bit)
+
+
+def test_a_dataset_without_the_posterior_std_is_refused_before_training_when_latents_are_drawn():
+    from mpalign.config import ConfigError
+    from mpalign.methods import check_dataset_columns
+
+    cfg = load_config()
+    assert cfg.train.vae_latents == "sample"
+    with pytest.raises(ConfigError, match="train.vae_latents=mean"):
+        check_dataset_columns(cfg, ["id", "latents"])
+    check_dataset_columns(cfg, ["id", "latents", "latents_std"])
+    check_dataset_columns(cfg, ["id", "image"])  # no VAE cache: training encodes on the fly
+    cfg.train.vae_latents = "mean"
+    check_dataset_columns(cfg, ["id", "latents"])
