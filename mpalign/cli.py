@@ -93,7 +93,10 @@ def quiet_console(verbose: bool) -> None:
     for name, value in (("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml"))),
                         ("RAY_DATA_DISABLE_PROGRESS_BARS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
                         ("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
-                        ("PYTHONWARNINGS", "ignore")):
+                        ("PYTHONWARNINGS", "ignore"),
+                        # Tune's newer console engine prints its experiment table even at verbose=0; the older one
+                        # is silent there (the sweep's one line per trial replaces both)
+                        ("RAY_AIR_NEW_OUTPUT", "0")):
         os.environ.setdefault(name, value)
     warnings.filterwarnings("ignore")
 

@@ -251,13 +251,15 @@ def test_the_console_keeps_ray_datas_detail_in_its_log_file_unless_verbose(monke
 
     from ray.data._internal.logging import configure_logging
 
-    from mpalign.cli import quiet_console
+    from mpalign.cli import VERBOSE_ENV, quiet_console, verbose_console
 
-    for name in ("RAY_DATA_LOGGING_CONFIG", "PYTHONWARNINGS"):
+    for name in ("RAY_DATA_LOGGING_CONFIG", "PYTHONWARNINGS", "RAY_AIR_NEW_OUTPUT", VERBOSE_ENV):
         monkeypatch.delenv(name, raising=False)
     quiet_console(verbose=True)
     assert "RAY_DATA_LOGGING_CONFIG" not in os.environ and "PYTHONWARNINGS" not in os.environ
+    assert verbose_console(), "Ray's INFO lines, Ray Train's and Tune's tables come back with --verbose"
     quiet_console(verbose=False)
+    assert not verbose_console() and os.environ["RAY_AIR_NEW_OUTPUT"] == "0"  # Tune's silent console engine
     try:
         configure_logging()  # what Ray Data runs when it is imported, in the driver and in every worker
         handlers = {type(h).__name__: h for h in logging.getLogger("ray.data").handlers}
