@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from mpalign import methods
 from mpalign.cli import USER_ERRORS, UserInputError, check_writable, run_cli, start_ray
 from mpalign.config import Config, add_config_args, config_from_args
 from mpalign.eval.benchmarks import BenchmarkSample, expand_runs, load_benchmark
@@ -80,11 +81,9 @@ def adapter_columns(folders: Sequence[str]) -> dict[str, str | None]:
 
 def check_subject_counts(samples: Sequence[BenchmarkSample], adapters: dict[str, str | None], cfg: Config) -> None:
     """Every sample must fit every adapter's ``max_subjects``: fail before any model loads, not inside an actor."""
-    from mpalign.models.adapter import MSAdapter
-
     most = max(len(s.subjects) for s in samples)
     for name, folder in adapters.items():
-        limit = MSAdapter.load_config(folder)["max_subjects"] if folder else cfg.model.max_subjects
+        limit = methods.adapter_max_subjects(folder) if folder else cfg.model.max_subjects
         if most > limit:
             raise UserInputError(f"adapter '{name}' takes at most {limit} subjects, the benchmark has samples with {most}")
 
@@ -115,10 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = resolve_config(args)
     check_writable(cfg.eval.output_dir, "--out", folder=True)
     adapters = adapter_columns(args.adapter)
-    from mpalign.models.training_module import load_adapter_parts
-
     for folder in filter(None, adapters.values()):  # a damaged folder fails here in seconds, not inside an actor
-        load_adapter_parts(folder)
+        methods.check_adapter(folder)
     samples = load_benchmark(cfg.eval)
     if not samples:
         raise UserInputError(f"benchmark '{cfg.eval.benchmark}' has no samples to evaluate")

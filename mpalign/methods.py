@@ -92,15 +92,35 @@ def pipeline(cfg: Config, adapter_dir: str | Path | None = None, device: Any = N
     return MPAlignPipeline.from_config(cfg, adapter_dir=adapter_dir, device=device, controlnet=controlnet)
 
 
-def adapter_method(adapter_dir: str | Path) -> str:
-    """Which method wrote the adapter in ``adapter_dir`` (from its saved config's class name)."""
+def _adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     import json
 
-    name = json.loads((Path(adapter_dir) / "config.json").read_text()).get("_class_name")
-    return "mosaic" if name == "MosaicAdapter" else "ms_adapter"
+    from mpalign.zoo import ModelLoadError
+
+    path = Path(adapter_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot load the adapter config '{path}' (damaged?): {type(exc).__name__}: {exc}") from exc
+
+
+def adapter_method(adapter_dir: str | Path) -> str:
+    """Which method wrote the adapter in ``adapter_dir`` (from its saved config's class name)."""
+    return "mosaic" if _adapter_config(adapter_dir).get("_class_name") == "MosaicAdapter" else "ms_adapter"
 
 
 def adapter_max_subjects(adapter_dir: str | Path) -> int:
-    import json
+    return int(_adapter_config(adapter_dir)["max_subjects"])
 
-    return int(json.loads((Path(adapter_dir) / "config.json").read_text())["max_subjects"])
+
+def check_adapter(adapter_dir: str | Path) -> None:
+    """Read the adapter in ``adapter_dir`` with the loader of the method that wrote it, so a damaged or incomplete
+    folder is a one-line ModelLoadError before any model loads."""
+    if adapter_method(adapter_dir) == "mosaic":
+        from mpalign.models.mosaic import MosaicAdapter
+
+        MosaicAdapter.from_pretrained(adapter_dir)
+    else:
+        from mpalign.models.training_module import load_adapter_parts
+
+        load_adapter_parts(adapter_dir)

@@ -1,5 +1,5 @@
 """MOSAIC generation (``model.method: mosaic``): FLUX's flow-matching sampler with the reference crops in the
-transformer's image stream and the MOSAIC adapter's processors installed.
+transformer's image stream and the MOSAIC adapter (its peft LoRA and processors) attached.
 
 The prompt encoding, latent preparation, time-step schedule, unpacking and decoding are ``FluxPipeline``'s own
 methods; only the transformer call differs (references appended, :func:`mpalign.models.mosaic.run_transformer`), so
@@ -23,9 +23,8 @@ from PIL import Image
 from mpalign import zoo
 from mpalign.config import Config
 from mpalign.encoders import images_to_tensor
-from mpalign.models.adapter import place
 from mpalign.models.mosaic import TOKEN_PIXELS, MosaicAdapter, MosaicContext, flux_latents, pack, run_transformer
-from mpalign.models.mosaic_training import fresh_mosaic_adapter, load_mosaic_adapter
+from mpalign.models.mosaic_training import fresh_mosaic_adapter
 from mpalign.pipeline import check_subjects
 
 logger = logging.getLogger(__name__)
@@ -41,8 +40,10 @@ class MosaicPipeline:
         self.flux = flux
         transformer = flux.transformer
         transformer.requires_grad_(False)
-        self.adapter = place(adapter, transformer.device, transformer.dtype).eval().requires_grad_(False)
-        adapter.attach(transformer)
+        adapter.attach(transformer)  # the LoRA in the transformer's dtype
+        for parameter in adapter.parameters():
+            parameter.requires_grad_(False)
+        self.adapter = adapter
         self.reference_size = max(TOKEN_PIXELS, reference_size // TOKEN_PIXELS * TOKEN_PIXELS)
         self.pipe = FluxPipeline(**flux.as_pipeline_kwargs())
         self.pipe.set_progress_bar_config(disable=True)
@@ -55,11 +56,11 @@ class MosaicPipeline:
         device = zoo.resolve_device(str(device or cfg.model.device))
         flux = zoo.load_flux(cfg.model, device=device)
         if adapter_dir:
-            adapter = load_mosaic_adapter(adapter_dir)
+            adapter = MosaicAdapter.from_pretrained(adapter_dir)
         else:
             logger.warning("no adapter given: using a freshly initialised MOSAIC adapter (zero LoRA) of the '%s' preset",
                            cfg.model.preset)
-            adapter = fresh_mosaic_adapter(cfg, flux.transformer)
+            adapter = fresh_mosaic_adapter(cfg)
         return cls(flux, adapter, cfg.data.crop_size)
 
     @property
@@ -67,7 +68,7 @@ class MosaicPipeline:
         return self.adapter.config.max_subjects
 
     def load_adapter(self, adapter_dir: str | Path) -> None:
-        self.adapter.load_state_dict(load_mosaic_adapter(adapter_dir).state_dict())
+        self.adapter.load_state_dict(MosaicAdapter.from_pretrained(adapter_dir).weights)
 
     @torch.no_grad()
     def reference_tokens(self, subject_images: Sequence[Image.Image]) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -21,10 +22,13 @@ from mpalign.data.correspondence import (
     mutual_nearest_neighbours,
     target_region_tokens,
 )
-from mpalign.methods import check_dataset_columns, check_method
+from mpalign.methods import adapter_method, check_adapter, check_dataset_columns, check_method
 from mpalign.models.mosaic import (
+    LORA_TARGETS,
+    MOSAIC_ADAPTER,
     MosaicAdapter,
     MosaicContext,
+    _on_references,
     correspondence_queries,
     loss_blocks,
     mdl_loss,
@@ -32,6 +36,7 @@ from mpalign.models.mosaic import (
     run_transformer,
     scal_loss,
 )
+from mpalign.zoo import IncompatibleModelError, ModelLoadError
 
 
 @pytest.fixture(autouse=True)
@@ -40,8 +45,9 @@ def single_thread():
         yield
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def flux():
+    """A fresh tiny FLUX per test (a tenth of a second): attaching an adapter injects peft layers into it."""
     return zoo.load_flux(ModelConfig(preset="tiny", device="cpu"))
 
 
@@ -83,7 +89,7 @@ def test_zero_lora_leaves_the_model_as_it_was_and_lora_acts_on_reference_tokens_
     stock = _stock_output(flux, inputs)
     no_refs = {**inputs, "reference_tokens": inputs["reference_tokens"][:, :0]}
     stock_no_refs = _stock_output(flux, no_refs)
-    adapter = MosaicAdapter.for_transformer(flux.transformer, rank=4, max_subjects=4)
+    adapter = MosaicAdapter.fresh(rank=4, max_subjects=4)
     adapter.attach(flux.transformer)
     # a fresh (zero) LoRA: the target outputs are the frozen model's
     torch.testing.assert_close(run_transformer(flux.transformer, **inputs, ctx=MosaicContext(0, 0)), stock)
@@ -97,7 +103,7 @@ def test_zero_lora_leaves_the_model_as_it_was_and_lora_acts_on_reference_tokens_
 
 @torch.no_grad()
 def test_padded_reference_slots_are_invisible(flux):
-    adapter = MosaicAdapter.for_transformer(flux.transformer, rank=4, max_subjects=4)
+    adapter = MosaicAdapter.fresh(rank=4, max_subjects=4)
     adapter.attach(flux.transformer)
     _randomise(adapter)
     inputs = _inputs(flux, batch=1, refs=2)
@@ -107,6 +113,94 @@ def test_padded_reference_slots_are_invisible(flux):
     mask = torch.tensor([[True] * 4 + [False] * 4])
     masked = run_transformer(flux.transformer, **inputs, ctx=MosaicContext(0, 0, reference_mask=mask))
     torch.testing.assert_close(masked, expected)
+
+
+def _lora_names(transformer):
+    return sorted(name.split(".lora_")[0] for name, _ in transformer.named_parameters()
+                  if f".lora_A.{MOSAIC_ADAPTER}." in name)
+
+
+@torch.no_grad()
+def test_reference_lora_is_peft_lora_on_the_projections_and_touches_reference_tokens_only(flux):
+    """The LoRA is peft's, injected on q/k/v of every attention layer and to_out of dual-stream blocks; with non-zero
+    weights each projection of the text and target tokens is the frozen base layer's, of the references peft's own
+    LoRA forward (base + B A x)."""
+    from peft.tuners.lora import LoraLayer
+
+    adapter = MosaicAdapter.fresh(rank=4, max_subjects=4)
+    adapter.attach(flux.transformer)
+    _randomise(adapter)
+    dual = [f"transformer_blocks.{i}.attn.{p}" for i in range(2) for p in ("to_k", "to_out.0", "to_q", "to_v")]
+    single = [f"single_transformer_blocks.{i}.attn.{p}" for i in range(2) for p in ("to_k", "to_q", "to_v")]
+    assert _lora_names(flux.transformer) == sorted(dual + single)
+    assert {id(p) for p in adapter.parameters()} == {id(p) for p in flux.transformer.parameters() if p.requires_grad}
+    x = torch.randn(2, 9, flux.transformer.inner_dim, generator=torch.Generator().manual_seed(1))
+    for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_out.0",
+                 "single_transformer_blocks.1.attn.to_v"):
+        layer = flux.transformer.get_submodule(name)
+        assert isinstance(layer, LoraLayer)
+        out = _on_references(layer, x, 3)
+        torch.testing.assert_close(out[:, :6], layer.base_layer(x)[:, :6])  # text / target tokens: frozen
+        torch.testing.assert_close(out[:, 6:], layer(x)[:, 6:])  # references: peft's LoRA forward
+        assert (out[:, 6:] - layer.base_layer(x)[:, 6:]).abs().max() > 1e-3
+        torch.testing.assert_close(_on_references(layer, x, 0), layer.base_layer(x))
+
+
+@torch.no_grad()
+def test_adapter_folder_is_a_peft_lora_and_round_trips(flux, tmp_path):
+    """save_pretrained writes peft's adapter files (LoraConfig + LoRA weights under peft's key names); loading them
+    into a fresh transformer gives the same outputs."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    inputs = _inputs(flux)
+    adapter = MosaicAdapter.fresh(rank=4, max_subjects=3)
+    adapter.attach(flux.transformer)
+    _randomise(adapter)
+    expected = run_transformer(flux.transformer, **inputs, ctx=MosaicContext(0, 0))
+    adapter.save_pretrained(tmp_path / "adapter")
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"config.json", "adapter_config.json",
+                                                                    "adapter_model.safetensors"}
+    lora = LoraConfig.from_pretrained(str(tmp_path / "adapter"))
+    assert (lora.r, lora.lora_alpha, lora.target_modules) == (4, 4, LORA_TARGETS)
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len(weights) == 2 * 14 and weights["transformer_blocks.0.attn.to_q.lora_A.weight"].shape == (4, 32)
+    assert weights["transformer_blocks.0.attn.to_q.lora_B.weight"].shape == (32, 4)
+
+    other = zoo.load_flux(ModelConfig(preset="tiny", device="cpu"))
+    loaded = MosaicAdapter.from_pretrained(tmp_path / "adapter")
+    assert loaded.config.max_subjects == 3 and loaded.rank == 4
+    loaded.attach(other.transformer)
+    torch.testing.assert_close(run_transformer(other.transformer, **inputs, ctx=MosaicContext(0, 0)), expected)
+    assert check_adapter(tmp_path / "adapter") is None and adapter_method(tmp_path / "adapter") == "mosaic"
+
+
+def test_damaged_or_unfitting_adapter_folders_are_one_line_errors(flux, tmp_path):
+    adapter = MosaicAdapter.fresh(rank=4, max_subjects=4)
+    adapter.attach(flux.transformer)
+    adapter.save_pretrained(tmp_path / "ok")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        MosaicAdapter.from_pretrained(tmp_path)
+    for name, damage in (("no-weights", "adapter_model.safetensors"), ("no-lora-config", "adapter_config.json")):
+        shutil.copytree(tmp_path / "ok", tmp_path / name)
+        (tmp_path / name / damage).unlink()
+        with pytest.raises(ModelLoadError, match=f"no {damage}"):
+            check_adapter(tmp_path / name)
+    shutil.copytree(tmp_path / "ok", tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match="cannot load the MOSAIC LoRA"):
+        check_adapter(tmp_path / "truncated")
+    shutil.copytree(tmp_path / "ok", tmp_path / "bad-json")
+    (tmp_path / "bad-json" / "config.json").write_text("{")
+    with pytest.raises(ModelLoadError, match="cannot load the adapter config"):
+        check_adapter(tmp_path / "bad-json")
+    # another rank: the weights do not fit this transformer's LoRA
+    other = MosaicAdapter.fresh(rank=2, max_subjects=4)
+    other.attach(zoo.load_flux(ModelConfig(preset="tiny", device="cpu")).transformer)
+    other.save_pretrained(tmp_path / "rank-2")
+    with pytest.raises(IncompatibleModelError, match="28 of other shapes"):
+        adapter.load_state_dict(MosaicAdapter.from_pretrained(tmp_path / "rank-2").weights)
 
 
 def test_position_ids_keep_references_apart():
@@ -260,8 +354,9 @@ def test_method_switch_errors_are_config_errors():
     check_dataset_columns(cfg, ["correspondence_ref_tokens", "correspondence_target_tokens"])
 
 
-def test_tiny_mosaic_learns():
-    """A few steps on one fixed batch (fixed noise and times) lower the total loss, SCAL included."""
+def test_tiny_mosaic_learns(tmp_path):
+    """A few steps on one fixed batch (fixed noise and times) lower the total loss, SCAL included; the LoRA is all that
+    trains, and a checkpoint's adapter loads back in place."""
     from mpalign.data.mosaic_batch import tokenize_for_flux
     from mpalign.models.mosaic_training import MosaicTrainingModule
 
@@ -276,7 +371,10 @@ def test_tiny_mosaic_learns():
              "ref_tokens": torch.randint(0, 4, (2, 4, 3), generator=g),
              "target_tokens": torch.randint(0, 16, (2, 4, 3), generator=g),
              "point_mask": mask[..., None].expand(2, 4, 3).clone()}
-    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-2)
+    params = module.trainable_parameters()
+    assert len(params) == 28 and {id(p) for p in params} == {id(p) for p in module.parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
     module.train()
     losses = []
     for step in range(12):
@@ -287,6 +385,14 @@ def test_tiny_mosaic_learns():
         losses.append((float(out["loss"]), float(out["scal"])))
     assert losses[-1][0] < 0.95 * losses[0][0]
     assert losses[-1][1] < losses[0][1]
+    module.save_adapter(tmp_path / "adapter")
+    trained = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+    module.load_adapter(tmp_path / "adapter")
+    assert all(torch.equal(p, q) for p, q in zip(module.trainable_parameters(), trained))
+    assert all(a is b for a, b in zip(module.trainable_parameters(), params))  # in place: the optimizer's references
 
 
 def test_mosaic_sweep_space_sets_scal_and_mdl_weights_and_loss_blocks(tmp_path):

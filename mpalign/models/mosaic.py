@@ -5,29 +5,39 @@ The frozen ``FluxTransformer2DModel`` runs on an image stream of [target tokens;
 crop is VAE-encoded and packed like FLUX latents (2x2 patches, 16 pixels per token), and all references are
 concatenated after the target, so every dual- and single-stream block attends over [text; target; references]
 (eq. 7 up to the order of the blocks, which attention does not see). Position ids keep references apart from the
-target and from each other (:func:`position_ids`). :class:`MosaicAttnProcessor` is FLUX's attention processor plus
-LoRA deltas on ``to_q``/``to_k``/``to_v`` (and ``to_out`` in dual-stream blocks) that are added to the reference
-tokens only (eq. 6): text and target projections are the frozen model's, whatever the LoRA weights. Selected blocks
-record the reference->target attention rows at the correspondence points, which the losses read.
+target and from each other (:func:`position_ids`). The reference branch is a peft LoRA on ``to_q``/``to_k``/``to_v``
+(and ``to_out`` in dual-stream blocks), injected into the transformer as diffusers injects a LoRA
+(:class:`MosaicAdapter`); :class:`MosaicAttnProcessor` is FLUX's attention processor with that LoRA's delta added to
+the reference tokens only (eq. 6): text and target projections are the frozen base layers', whatever the LoRA
+weights. Selected blocks record the reference->target attention rows at the correspondence points, which the losses
+read.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import ConfigMixin, ModelMixin
+from diffusers import ConfigMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from peft.utils import CONFIG_NAME as PEFT_CONFIG_NAME
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mpalign.config import MOSAIC_BLOCKS
 from mpalign.models.alignment import KL_EPS, disentanglement_loss
+from mpalign.zoo import IncompatibleModelError, ModelLoadError
 
 # FLUX's VAE down-samples 8x and the transformer packs 2x2 latents into one token: one token per 16x16 pixels. The
 # correspondence data stage maps points to token indices with the same figure.
@@ -118,59 +128,59 @@ class MosaicContext:
     records: list[torch.Tensor] = field(default_factory=list)  # per recording block: (B, P, num_target)
 
 
-class LoRA(nn.Module):
-    """x -> up(down(x)), ``up`` starting at zero (so a fresh adapter leaves the model as it was), as peft does."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int):
-        super().__init__()
-        self.down = nn.Linear(in_features, rank, bias=False)
-        self.up = nn.Linear(rank, out_features, bias=False)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.up.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x.to(self.down.weight.dtype)))
+# MOSAIC's LoRA is a peft adapter of this name in the transformer (diffusers' add_adapter), on the query, key and value
+# projections of every attention layer and the output projection of dual-stream blocks (single-stream blocks have
+# none: their attention output goes straight into proj_out with the MLP branch). FF and the text stream's projections
+# stay frozen. lora_alpha = rank: the delta is B A x, unscaled.
+MOSAIC_ADAPTER = "mosaic"
+LORA_TARGETS = r"(single_)?transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)|transformer_blocks\.\d+\.attn\.to_out\.0"
 
 
-def _on_references(projected: torch.Tensor, lora: LoRA, inputs: torch.Tensor, num_reference: int) -> torch.Tensor:
-    """``projected`` with ``lora(inputs)`` added to its last ``num_reference`` tokens only."""
-    if num_reference == 0:
+def reference_lora_config(rank: int) -> LoraConfig:
+    """The reference branch's LoRA: B starts at zero (peft's default init), so a fresh adapter is the plain model."""
+    return LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=True)
+
+
+def _on_references(layer: nn.Module, inputs: torch.Tensor, num_reference: int) -> torch.Tensor:
+    """``layer(inputs)`` with MOSAIC's LoRA on the last ``num_reference`` tokens only (eq. 6): the other tokens get
+    the peft layer's frozen ``base_layer``. Built from the peft layer's own modules (dropout, A, B, scaling), so it is
+    that layer's forward restricted to the reference tokens."""
+    if not isinstance(layer, LoraLayer) or MOSAIC_ADAPTER not in layer.lora_A:
+        return layer(inputs)  # no reference branch on this layer
+    projected = layer.base_layer(inputs)
+    if num_reference == 0 or layer.disable_adapters or MOSAIC_ADAPTER not in layer.active_adapters:
         return projected
-    delta = lora(inputs[:, -num_reference:]).to(projected.dtype)
+    lora_a, lora_b = layer.lora_A[MOSAIC_ADAPTER], layer.lora_B[MOSAIC_ADAPTER]
+    refs = layer.lora_dropout[MOSAIC_ADAPTER](inputs[:, -num_reference:].to(lora_a.weight.dtype))
+    delta = (lora_b(lora_a(refs)) * layer.scaling[MOSAIC_ADAPTER]).to(projected.dtype)
     return torch.cat((projected[:, :-num_reference], projected[:, -num_reference:] + delta), dim=1)
 
 
-class MosaicAttnProcessor(nn.Module):
-    """``FluxAttnProcessor`` with the reference branch's LoRA (eq. 6) and the reference->target attention tap."""
+class MosaicAttnProcessor:
+    """``FluxAttnProcessor`` with the reference branch's LoRA (eq. 6) and the reference->target attention tap. The
+    LoRA weights live in the transformer (peft layers on the projections); ``block`` names the layer's block."""
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, query_dim: int, inner_dim: int, rank: int, has_out: bool):
-        super().__init__()
-        self.to_q_lora = LoRA(query_dim, inner_dim, rank)
-        self.to_k_lora = LoRA(query_dim, inner_dim, rank)
-        self.to_v_lora = LoRA(query_dim, inner_dim, rank)
-        self.to_out_lora = LoRA(inner_dim, query_dim, rank) if has_out else None
-        self.block = ""  # set by MosaicAdapter.attach
+    def __init__(self, block: str):
+        self.block = block
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None,
                  mosaic: MosaicContext | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         n_ref = mosaic.num_reference if mosaic is not None else 0
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states)
-        # References are the last tokens of the image stream (dual-stream) and of [text; image] (single-stream).
-        query = _on_references(query, self.to_q_lora, hidden_states, n_ref)
-        key = _on_references(key, self.to_k_lora, hidden_states, n_ref)
-        value = _on_references(value, self.to_v_lora, hidden_states, n_ref)
+        # References are the last tokens of the image stream (dual-stream) and of [text; image] (single-stream). The
+        # projections are diffusers' _get_projections (unfused: a fused to_qkv would carry no LoRA) with the LoRA
+        # restricted to them.
+        query, key, value = (_on_references(layer, hidden_states, n_ref) for layer in (attn.to_q, attn.to_k, attn.to_v))
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
-            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+        if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
+            encoder_key = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
             query = torch.cat([encoder_query, query], dim=1)
             key = torch.cat([encoder_key, key], dim=1)
             value = torch.cat([encoder_value, value], dim=1)
@@ -191,7 +201,7 @@ class MosaicAttnProcessor(nn.Module):
             return out
         encoder_out, out = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
         out = out.contiguous()
-        projected = _on_references(attn.to_out[0](out), self.to_out_lora, out, n_ref)
+        projected = _on_references(attn.to_out[0], out, n_ref)
         return attn.to_out[1](projected), attn.to_add_out(encoder_out.contiguous())
 
 
@@ -210,48 +220,120 @@ def reference_to_target_attention(query: torch.Tensor, key: torch.Tensor, ctx: M
     return logits.softmax(-1).mean(1)
 
 
-class MosaicAdapter(ModelMixin, ConfigMixin):
-    """Everything MOSAIC trains: one :class:`MosaicAttnProcessor` (its LoRA) per attention layer of the transformer.
-    ``layers`` maps each processor name to (query width, inner width, has to_out)."""
+class MosaicAdapter(ConfigMixin):
+    """Everything MOSAIC trains, stored as peft and diffusers store a LoRA: ``lora`` (a peft ``LoraConfig``, see
+    :func:`reference_lora_config`) injected into the transformer by :meth:`attach` (diffusers' ``add_adapter``), whose
+    :class:`MosaicAttnProcessor` s apply it to the reference tokens only. The adapter folder holds ``config.json``
+    (this class: ``max_subjects``), peft's ``adapter_config.json`` (the ``LoraConfig``) and
+    ``adapter_model.safetensors`` (``get_peft_model_state_dict``'s LoRA weights, peft's key names).
+
+    ``weights`` (a peft state dict, from :meth:`from_pretrained`) are loaded into the transformer at :meth:`attach`;
+    without them the LoRA is peft's fresh init (B = 0: the plain model)."""
+
+    config_name = "config.json"
+    ignore_for_config = ("lora", "weights")
 
     @register_to_config
-    def __init__(self, layers: dict[str, list[int]], rank: int = 128, max_subjects: int = 4):
-        super().__init__()
-        self.processors = nn.ModuleDict({_key(name): MosaicAttnProcessor(q, inner, rank, bool(out))
-                                         for name, (q, inner, out) in layers.items()})
+    def __init__(self, max_subjects: int = 4, lora: LoraConfig | None = None,
+                 weights: dict[str, torch.Tensor] | None = None):
+        self.lora = lora if lora is not None else reference_lora_config(128)
+        self.weights = weights
+        self.transformer = None  # set by attach
 
     @classmethod
-    def for_transformer(cls, transformer, rank: int, max_subjects: int) -> MosaicAdapter:
-        layers = {}
-        for name in transformer.attn_processors:
-            attn = transformer.get_submodule(name[: -len(".processor")])
-            layers[name] = [attn.query_dim, attn.inner_dim, int(not attn.pre_only)]
-        return cls(layers=layers, rank=rank, max_subjects=max_subjects)
+    def fresh(cls, rank: int, max_subjects: int) -> MosaicAdapter:
+        return cls(max_subjects=max_subjects, lora=reference_lora_config(rank))
 
-    def architecture(self) -> dict:
-        return {k: v for k, v in self.config.items() if not k.startswith("_")}
+    @property
+    def rank(self) -> int:
+        return self.lora.r
 
-    def check_compatible(self, transformer) -> None:
-        mine = {name: list(v) for name, v in self.config.layers.items()}
-        theirs = MosaicAdapter.for_transformer(transformer, 1, 1).config.layers
-        if mine != {name: list(v) for name, v in theirs.items()}:
-            raise ValueError(f"the MOSAIC adapter does not fit this transformer: {len(mine)} attention layers vs "
-                             f"{len(theirs)}, or other widths")
+    def attach(self, transformer, dtype: torch.dtype | None = None) -> None:
+        """Inject the LoRA into ``transformer`` (replacing a MOSAIC LoRA it holds), its weights in ``dtype`` (default:
+        the transformer's), load ``weights`` if any, and install the processors on every attention layer. Freeze the
+        transformer first: the LoRA weights become its parameters and are the only trainable ones."""
+        if MOSAIC_ADAPTER in (getattr(transformer, "peft_config", None) or {}):
+            transformer.delete_adapters(MOSAIC_ADAPTER)
+        transformer.add_adapter(copy.deepcopy(self.lora), adapter_name=MOSAIC_ADAPTER)
+        self.transformer = transformer
+        if dtype is not None:
+            for layer in self._lora_layers():
+                layer.lora_A[MOSAIC_ADAPTER].to(dtype)
+                layer.lora_B[MOSAIC_ADAPTER].to(dtype)
+        if self.weights is not None:
+            self.load_state_dict(self.weights)
+            self.weights = None  # the transformer holds them now
+        transformer.set_attn_processor({name: MosaicAttnProcessor(name.split(".attn.")[0])
+                                        for name in transformer.attn_processors})
 
-    def attach(self, transformer) -> None:
-        """Install the processors on every attention layer. Freeze the transformer first: the processors become its
-        submodules and must stay trainable."""
-        self.check_compatible(transformer)
-        processors = {}
-        for name in transformer.attn_processors:
-            processor = self.processors[_key(name)]
-            processor.block = name.split(".attn.")[0]
-            processors[name] = processor
-        transformer.set_attn_processor(processors)
+    def _lora_layers(self) -> list[LoraLayer]:
+        if self.transformer is None:
+            raise RuntimeError("the MOSAIC adapter is not attached to a transformer (MosaicAdapter.attach)")
+        return [m for m in self.transformer.modules() if isinstance(m, LoraLayer) and MOSAIC_ADAPTER in m.lora_A]
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The LoRA weights in the attached transformer: all that MOSAIC trains."""
+        for layer in self._lora_layers():
+            yield from layer.lora_A[MOSAIC_ADAPTER].parameters()
+            yield from layer.lora_B[MOSAIC_ADAPTER].parameters()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights as peft saves them (keys without the adapter name)."""
+        self._lora_layers()  # attached
+        return get_peft_model_state_dict(self.transformer, adapter_name=MOSAIC_ADAPTER)
+
+    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy peft-format LoRA weights into the attached transformer (in place: an optimizer's references stay)."""
+        ours = {key: tuple(value.shape) for key, value in self.state_dict().items()}
+        theirs = {key: tuple(value.shape) for key, value in weights.items()}
+        if ours != theirs:
+            missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+            resized = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])
+            first = (missing + unexpected + resized)[0]
+            raise IncompatibleModelError(
+                f"the MOSAIC adapter does not fit this transformer: {len(missing)} LoRA weights missing, "
+                f"{len(unexpected)} unexpected, {len(resized)} of other shapes (first: {first}"
+                + (f" {theirs[first]} vs {ours[first]}" if first in resized else "") + ")")
+        set_peft_model_state_dict(self.transformer, weights, adapter_name=MOSAIC_ADAPTER)
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        weights = {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()}
+        self.save_config(out_dir)
+        self.lora.save_pretrained(out_dir)
+        save_file(weights, out_dir / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, adapter_dir: str | Path) -> MosaicAdapter:
+        """The adapter :meth:`save_pretrained` wrote (weights on the CPU until :meth:`attach`). A folder that is not
+        a whole MOSAIC adapter is a :class:`~mpalign.zoo.ModelLoadError` naming what is wrong."""
+        adapter_dir = Path(adapter_dir)
+        if not (adapter_dir / cls.config_name).is_file():
+            raise FileNotFoundError(f"'{adapter_dir}' holds no adapter (no config.json); train one with "
+                                    "python -m mpalign.train --set model.method=mosaic")
+        missing = [name for name in (PEFT_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME) if not (adapter_dir / name).is_file()]
+        if missing:
+            raise ModelLoadError(f"'{adapter_dir}' holds a config.json but no {' or '.join(missing)} (the LoRA): copy "
+                                 f"the whole folder training wrote")
+        try:
+            config = cls.load_config(adapter_dir)
+        except Exception as exc:  # a user's folder: bad JSON is theirs to fix
+            raise ModelLoadError(f"cannot read '{adapter_dir / cls.config_name}': {_reason(exc)}") from exc
+        if config.get("_class_name") != cls.__name__:
+            raise IncompatibleModelError(f"'{adapter_dir}' holds a {config.get('_class_name')}, not a MOSAIC adapter: "
+                                         f"set model.method to the adapter's method")
+        try:
+            lora = LoraConfig.from_pretrained(str(adapter_dir))
+            weights = load_file(adapter_dir / SAFETENSORS_WEIGHTS_NAME)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load the MOSAIC LoRA in '{adapter_dir}' (damaged or incomplete?): "
+                                 f"{_reason(exc)}") from exc
+        return cls(max_subjects=config["max_subjects"], lora=lora, weights=weights)
 
 
-def _key(name: str) -> str:
-    return name.replace(".", "_")
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
 def run_transformer(transformer, target_tokens: torch.Tensor, reference_tokens: torch.Tensor,

@@ -16,7 +16,6 @@ from torch import nn
 
 from mpalign import zoo
 from mpalign.config import Config
-from mpalign.models.adapter import place
 from mpalign.models.alignment import alpha_at
 from mpalign.models.mosaic import (
     MosaicAdapter,
@@ -44,34 +43,23 @@ def encode_prompt_ids(flux: zoo.FluxComponents, clip_ids: torch.Tensor,
     return text, pooled
 
 
-def load_mosaic_adapter(adapter_dir: str | Path) -> MosaicAdapter:
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "config.json").is_file():
-        raise FileNotFoundError(f"'{adapter_dir}' holds no adapter (no config.json); train one with "
-                                "python -m mpalign.train --set model.method=mosaic")
-    config = MosaicAdapter.load_config(adapter_dir)
-    if config.get("_class_name") != MosaicAdapter.__name__:
-        raise ValueError(f"'{adapter_dir}' holds a {config.get('_class_name')}, not a MOSAIC adapter: set "
-                         f"model.method to the adapter's method")
-    return MosaicAdapter.from_pretrained(adapter_dir)
-
-
-def fresh_mosaic_adapter(cfg: Config, transformer) -> MosaicAdapter:
-    return seeded_init(cfg.model.seed + ADAPTER_SEED_OFFSET, lambda: MosaicAdapter.for_transformer(
-        transformer, cfg.model.mosaic_lora_rank, cfg.model.max_subjects))
+def fresh_mosaic_adapter(cfg: Config) -> MosaicAdapter:
+    return MosaicAdapter.fresh(cfg.model.mosaic_lora_rank, cfg.model.max_subjects)
 
 
 class MosaicTrainingModule(nn.Module):
-    """Holds frozen FLUX (transformer, VAE, both text encoders) and the trainable ``adapter``; :meth:`forward`
-    returns the loss terms of one step."""
+    """Holds frozen FLUX (transformer, VAE, both text encoders) and the ``adapter`` whose LoRA, injected into the
+    transformer, is all that trains; :meth:`forward` returns the loss terms of one step."""
 
     def __init__(self, cfg: Config, flux: zoo.FluxComponents, adapter: MosaicAdapter):
         super().__init__()
         self.cfg = cfg
         self.flux = flux
         self.frozen = nn.ModuleList([flux.transformer, flux.vae, flux.text_encoder, flux.text_encoder_2])
-        self.frozen.requires_grad_(False)  # before attaching: the processors become transformer submodules
-        adapter.attach(flux.transformer)
+        self.frozen.requires_grad_(False)  # before attaching: the LoRA layers become transformer submodules
+        # seeded: every worker and every rerun starts from the same LoRA (A random, B zero); trainable weights stay
+        # float32 whatever the transformer's dtype
+        seeded_init(cfg.model.seed + ADAPTER_SEED_OFFSET, lambda: adapter.attach(flux.transformer, torch.float32))
         self.adapter = adapter
         self.loss_blocks = frozenset(loss_blocks(flux.transformer, cfg.model.mosaic_loss_blocks))
         self.frozen.eval()
@@ -81,8 +69,7 @@ class MosaicTrainingModule(nn.Module):
                     adapter_dir: str | Path | None = None) -> MosaicTrainingModule:
         device = zoo.resolve_device(str(device or cfg.model.device))
         flux = zoo.load_flux(cfg.model, device=device)
-        adapter = load_mosaic_adapter(adapter_dir) if adapter_dir else fresh_mosaic_adapter(cfg, flux.transformer)
-        return cls(cfg, flux, place(adapter, device, torch.float32))  # trainable weights stay float32
+        return cls(cfg, flux, MosaicAdapter.from_pretrained(adapter_dir) if adapter_dir else fresh_mosaic_adapter(cfg))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.adapter.parameters() if p.requires_grad]
@@ -101,10 +88,9 @@ class MosaicTrainingModule(nn.Module):
         return out_dir
 
     def load_adapter(self, adapter_dir: str | Path) -> None:
-        adapter = load_mosaic_adapter(adapter_dir)
-        if adapter.architecture() != self.adapter.architecture():
-            raise ValueError(f"the adapter in '{adapter_dir}' has other sizes than this model's")
-        self.adapter.load_state_dict(adapter.state_dict())
+        """Weights saved by :meth:`save_adapter`, copied into this module's LoRA (an IncompatibleModelError if they
+        do not fit it)."""
+        self.adapter.load_state_dict(MosaicAdapter.from_pretrained(adapter_dir).weights)
 
     @property
     def device(self) -> torch.device:
