@@ -306,6 +306,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
             "crash": _crash_hook(),
             "fidelity": _fidelity_spec(cfg, datasets["val"]) if fidelity else None,
             "dataset_columns": dataset_columns(cfg),
+            "verbose": verbose_console(),  # workers of a `ray job submit` do not inherit the job driver's environment
         },
         scaling_config=ray.train.ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                                resources_per_worker=resources),
@@ -400,11 +401,34 @@ def _maybe_crash(crash: dict[str, Any] | None, step: int, rank: int, world_size:
         os._exit(1)
 
 
+class RayInfoOffConsole(logging.Filter):
+    """Drops Ray's own INFO records. Ray Train's log level (``RunConfig.logging_config``) reaches its ``ray.train``
+    loggers only; a worker's "Reporting training result ..." line per report (the whole metrics dict) is logged
+    under a file-path name and reaches the console through the root logger."""
+
+    def __init__(self):
+        import ray
+
+        super().__init__()
+        self.ray_dir = str(Path(ray.__file__).parent)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.ray_dir)
+
+
+def _quiet_worker_console() -> None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(RayInfoOffConsole())
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: build the model, restore the last checkpoint, step until ``max_steps``."""
     import ray.train
     import ray.train.torch
 
+    if not loop_config["verbose"]:
+        _quiet_worker_console()
     started = time.perf_counter()  # the share of the worker's time spent on fidelity evaluations is measured from here
     cfg = config_from_dict(loop_config["config"])
     train = cfg.train

@@ -204,7 +204,8 @@ def test_ray_job_submit_trains_and_writes_a_loadable_adapter(dataset, tmp_path):
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "trained to step 4" in job.stdout
         # a quiet console: Ray's and Ray Train's INFO lines stay in their log files (--verbose brings them back)
-        for detail in ("Connecting to existing Ray cluster", "Requesting resources", "Attempting to start training"):
+        for detail in ("Connecting to existing Ray cluster", "Requesting resources", "Attempting to start training",
+                       "Reporting training result"):
             assert detail not in job.stdout + job.stderr, detail
         adapter = MSAdapter.from_pretrained(out / "adapter")
         assert sum(p.numel() for p in adapter.parameters()) > 0
