@@ -17,11 +17,11 @@ from mpalign.sweep import BEST_YAML, PLOT_PNG, run_sweep
 pytestmark = pytest.mark.slow
 
 MAX_STEPS = 4
-# Grid order is list order. In this order a later trial scores a worse DINO than an earlier one at the first
-# validation on the tiny preset (computation on CPU is deterministic), so ASHA (grace 1, reduction 2) has a trial to
-# stop.
-ALPHAS = [1.0, 0.01]
-LAYER_SETS = ["down+mid", "down+mid+up"]
+# Grid order is list order. In this order the second and the fourth trial score a worse DINO at the first validation
+# than the median of the trials before them on the tiny preset (measured: 0.88966, 0.88953, 0.88975, 0.88905;
+# computation on CPU is deterministic), so ASHA (grace 1, reduction 2) stops those two.
+ALPHAS = [0.01, 1.0]
+LAYER_SETS = ["down+mid+up", "down+mid"]
 
 
 @pytest.fixture(scope="module")
