@@ -582,7 +582,7 @@ class StepReporter:
                        placement_group_id=ray.get_runtime_context().get_placement_group_id())  # see sweep.TrialEnds
         if validate_now and self.rank == 0:
             metrics.update(self._validate())
-        if self.rank == 0:
+        if self.rank == 0 and self.fidelity is None:  # a sweep trial (fidelity): the sweep prints a line per trial
             logger.info(progress_line(metrics, train.max_steps))  # Ray Train routes worker logs to the driver
         if not checkpoint_now:
             ray.train.report(metrics)

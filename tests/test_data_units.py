@@ -361,3 +361,15 @@ def test_a_chain_actor_that_cannot_see_the_output_asks_for_shared_storage(tmp_pa
     builder = ShardBuilder(load_config(), str(tmp_path / "on-another-node"))
     with pytest.raises(ConfigError, match="every node shares"):
         builder(pa.Table.from_pylist([], schema=WORK_SCHEMA))
+
+
+def test_build_progress_is_a_few_lines_for_a_small_build_and_a_pulse_for_a_long_one():
+    from mpalign.data.build import progress_due
+
+    logged, last = [], 0
+    for written in range(1, 33):  # 32 shards written within seconds
+        if progress_due(written, 32, last, seconds_since=1.0):
+            logged.append(written)
+            last = written
+    assert logged == [7, 14, 21, 28, 32]
+    assert progress_due(3, 1000, 2, seconds_since=61.0)  # a slow build still shows it is alive every minute

@@ -182,6 +182,16 @@ def _actors_that_fit(settings: ActorPoolConfig, cluster: dict[str, float]) -> in
     return max(1, int(min(fits))) if fits else 1
 
 
+# A progress line per fifth of the shards or per minute, whichever comes first, and one for the last shard: a few
+# lines for a small build, a steady pulse for a long one.
+PROGRESS_FRACTION, PROGRESS_SECONDS = 0.2, 60.0
+
+
+def progress_due(written: int, total: int, last_logged: int, seconds_since: float) -> bool:
+    return (written == total or written - last_logged >= PROGRESS_FRACTION * total
+            or seconds_since >= PROGRESS_SECONDS)
+
+
 def _start_ray(cfg: Config, report: dict[str, Any]) -> list[tuple[tuple[str, ...], ActorPoolConfig]]:
     import ray
 
@@ -373,6 +383,7 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
     pair_counts: Counter[str] = Counter()
     writers: Counter[str] = Counter()  # shards written per node
     report: dict[str, Any] = {}
+    last_logged, logged_at = 0, start
     if todo:
         work = {i: [{**r, "shard": i} for r in shards[i]] for i in todo}
         for written, summary in enumerate(EXECUTORS[executor](cfg, work, out, report), start=1):
@@ -387,9 +398,12 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
             rows_seen += rows
             pair_counts.update(summary["frame_pairs"])
             writers[summary["writer"]] += 1
-            rate = len(rows_seen) / (time.perf_counter() - start)
-            log(f"[build] shard {index} written ({written}/{len(todo)}): {summary['samples']} samples, "
-                f"{summary['rejects']} rejects, {rate:.2f} records/s")
+            now = time.perf_counter()
+            if progress_due(written, len(todo), last_logged, now - logged_at):
+                rate = len(rows_seen) / (now - start)
+                log(f"[build] {written}/{len(todo)} shards written (last: shard {index}, {summary['samples']} samples, "
+                    f"{summary['rejects']} rejects), {rate:.2f} records/s")
+                last_logged, logged_at = written, now
         if len(arrivals) != len(todo):  # cannot happen unless a stage lost rows; never end with shards missing
             raise RuntimeError(f"{len(todo) - len(arrivals)} shard(s) never received all their records")
         if "ray_data_stats" in report:

@@ -132,13 +132,14 @@ def write_references(folder: Path, seed: int = BENCHMARK_SEED) -> list[Path]:
     trying ``python -m mpalign.generate`` by hand)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng, np_rng = random.Random(seed), np.random.default_rng(seed)
-    paths = []
+    paths, names = [], []
     for shape in SHAPES:
         color, texture = rng.choice([(c, t) for c in COLORS for t in TEXTURES if is_held_out(shape, c, t)])
         path = folder / f"{shape}.png"
         Image.fromarray(_reference(SampleObject(shape, color, texture, (0, 0, 1, 1)), rng, np_rng)).save(path)
         paths.append(path)
-        print(f"{path}: {texture} {color} {shape}")
+        names.append(f"{shape} ({texture} {color})")
+    print(f"{len(paths)} held-out references in {folder}: {', '.join(names)}")
     return paths
 
 
