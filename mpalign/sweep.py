@@ -409,6 +409,9 @@ def result_rows(grid: Any, cfg: Config) -> list[dict[str, Any]]:
     scores = ["diffusion", *((*REPORTED, *subject_metric_names(cfg)) if uses_fidelity(cfg) else ())]
     rows = []
     for result in grid:
+        if result.config is None:  # restored by --resume but lost before it reported again: nothing to tabulate
+            logger.warning("a trial without config or results is left out of results.csv (%s)", result.path)
+            continue
         params, metrics = trial_params(result.config, cfg), result.metrics or {}
         trial_id = str(metrics.get("trial_id", ""))  # "" for a trial that never reported (interrupted before)
         folder = Path(cfg.tune.output_dir) / TRIALS / trial_id
