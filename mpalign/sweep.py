@@ -199,10 +199,15 @@ def search_space(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def drawn_params(trial_config: dict[str, Any]) -> dict[str, Any]:
+    """The values Tune gave a trial: its grid point and any sampled ones, in one flat dict."""
+    return {**trial_config.get("point", {}), **{k: v for k, v in trial_config.items() if k != "point"}}
+
+
 def trial_params(trial_config: dict[str, Any], cfg: Config) -> dict[str, Any]:
     """A trial's :data:`PARAMS` from its Tune config (a grid point and/or sampled values); the parameters its method
     does not use are :data:`UNUSED_PARAMS`."""
-    flat = {**UNUSED_PARAMS, **trial_config.get("point", {}), **{k: v for k, v in trial_config.items() if k != "point"}}
+    flat = {**UNUSED_PARAMS, **drawn_params(trial_config)}
     flat.setdefault("seed", cfg.tune.seeds[0])
     return {key: flat[key] for key in PARAMS}
 
@@ -289,8 +294,8 @@ class TrialEnds(Callback):
         (folder / TRIAL_END).write_text(json.dumps({"status": status}))
         result = trial.last_result or {}
         self.ended += 1
-        drawn = {**trial.config.get("point", {}), **{k: v for k, v in trial.config.items() if k != "point"}}
-        point = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(drawn.items()))
+        point = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in sorted(drawn_params(trial.config).items()))
         objective = result.get("objective")
         logger.info("trial %d/%d %s at step %s (%s): %s %s", self.ended, self.total, status, result.get("step", "-"),
                     point, self.metric, "-" if objective is None else f"{objective:.4f}")

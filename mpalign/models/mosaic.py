@@ -239,6 +239,7 @@ class MosaicAdapter(ConfigMixin):
         self.lora = lora if lora is not None else reference_lora_config(128)
         self.weights = weights
         self.transformer = None  # set by attach
+        self.layers: list[LoraLayer] = []  # the transformer's layers that carry the LoRA, found once by attach
 
     @classmethod
     def fresh(cls, rank: int, max_subjects: int) -> MosaicAdapter:
@@ -256,6 +257,8 @@ class MosaicAdapter(ConfigMixin):
             transformer.delete_adapters(MOSAIC_ADAPTER)
         transformer.add_adapter(copy.deepcopy(self.lora), adapter_name=MOSAIC_ADAPTER)
         self.transformer = transformer
+        # found once: parameters() runs every training step (gradient clipping), a walk over FLUX's modules need not
+        self.layers = [m for m in transformer.modules() if isinstance(m, LoraLayer) and MOSAIC_ADAPTER in m.lora_A]
         if dtype is not None:
             for layer in self._lora_layers():
                 layer.lora_A[MOSAIC_ADAPTER].to(dtype)
@@ -269,7 +272,7 @@ class MosaicAdapter(ConfigMixin):
     def _lora_layers(self) -> list[LoraLayer]:
         if self.transformer is None:
             raise RuntimeError("the MOSAIC adapter is not attached to a transformer (MosaicAdapter.attach)")
-        return [m for m in self.transformer.modules() if isinstance(m, LoraLayer) and MOSAIC_ADAPTER in m.lora_A]
+        return self.layers
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The LoRA weights in the attached transformer: all that MOSAIC trains."""
