@@ -115,15 +115,18 @@ def ray_worker_env() -> dict[str, str]:
     return {FOOTER_READERS_ENV: readers}
 
 
-def start_ray(**options: Any) -> None:
+def start_ray(worker_logs: bool = True, **options: Any) -> None:
     """Connect to the cluster in ``RAY_ADDRESS``, or start a local Ray, unless connected already; Ray's INFO lines
-    (where the dashboard is, ...) stay in its logs unless --verbose."""
+    (where the dashboard is, ...) stay in its logs unless --verbose. ``worker_logs=False``: what Ray's workers print
+    (library warnings, an actor's traceback when it is stopped) stays in the session's logs unless --verbose — for
+    commands whose driver reports everything the user needs (errors still reach it as exceptions)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
                  logging_level=logging.INFO if verbose_console() else logging.WARNING,
-                 runtime_env={"env_vars": ray_worker_env()}, **options)
+                 log_to_driver=worker_logs or verbose_console(), runtime_env={"env_vars": ray_worker_env()},
+                 **options)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

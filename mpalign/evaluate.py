@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mpalign.eval.stages import run_evaluation
 
     started = time.monotonic()
-    start_ray(include_dashboard=False)
+    start_ray(worker_logs=False, include_dashboard=False)
     try:
         scores = run_evaluation(requests, cfg, adapters, out / "images")
     except ray.exceptions.RayError as exc:

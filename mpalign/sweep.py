@@ -299,11 +299,13 @@ class TrialEnds(Callback):
         objective = result.get("objective")
         logger.info("trial %d/%d %s at step %s (%s): %s %s", self.ended, self.total, status, result.get("step", "-"),
                     point, self.metric, "-" if objective is None else f"{objective:.4f}")
+        if status == "error":  # its workers' output stays in Ray's logs unless --verbose: say where the trace is
+            logger.warning("trial %s failed; its error: %s", trial.trial_id, trial.error_file or trial.local_path)
         pg_id = result.get("placement_group_id")
         info = ray.util.placement_group_table().get(pg_id) if pg_id else None
         if info and info["state"] != "REMOVED":
             remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
-            logger.info("released the workers of trial %s", trial.trial_id)
+            logger.debug("released the workers of trial %s", trial.trial_id)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended(trial, "finished")
@@ -377,7 +379,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
         shutil.rmtree(out / TRIALS, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
-    start_ray()
+    start_ray(worker_logs=False)  # the driver prints a line per trial (TrialEnds)
     trainable = _trainable(cfg)
     trial_ends = TrialEnds(str(out / TRIALS), cfg.tune.metric, expected_trials(cfg))
     logger.info("sweep: %d trials of %d steps, ranked by %s, in %s", trial_ends.total, cfg.train.max_steps,

@@ -269,3 +269,22 @@ def test_the_console_keeps_ray_datas_detail_in_its_log_file_unless_verbose(monke
     finally:
         monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG")
         configure_logging()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_commands_whose_driver_reports_everything_keep_worker_output_in_rays_logs(monkeypatch, verbose):
+    """The build, the sweep and the evaluation start Ray with worker_logs=False: an actor's library warnings and a
+    stopped trial's traceback stay in Ray's logs unless --verbose; training keeps them (its progress is a worker's)."""
+    import ray
+
+    from mpalign.cli import FOOTER_READERS_ENV, VERBOSE_ENV, start_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv(VERBOSE_ENV, "1") if verbose else monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    start_ray(worker_logs=False)
+    start_ray()
+    assert [c["log_to_driver"] for c in calls] == [verbose, True]
+    assert all(FOOTER_READERS_ENV in c["runtime_env"]["env_vars"] for c in calls)

@@ -195,7 +195,7 @@ def progress_due(written: int, total: int, last_logged: int, seconds_since: floa
 def _start_ray(cfg: Config, report: dict[str, Any]) -> list[tuple[tuple[str, ...], ActorPoolConfig]]:
     import ray
 
-    start_ray(include_dashboard=False)
+    start_ray(worker_logs=False, include_dashboard=False)  # shards report to the driver, which logs progress
     pools = actor_pools(cfg, ray.cluster_resources())
     report["actor_pools"] = {"+".join(names): vars(s) for names, s in pools}
     print("[build] Ray Data actor pools: " + "; ".join(f"{'+'.join(names)} x{s.concurrency} ({s.num_cpus:g} CPU, "
