@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -70,8 +69,6 @@ logger = logging.getLogger("mpalign.train")
 RUN_NAME = "run"  # Ray Train's run folder under the storage path; the same name is what makes --resume find it
 FINAL_ADAPTER = "adapter"
 OUTPUT_SUBDIRS = (FINAL_ADAPTER, "tensorboard", "validation")  # what --overwrite clears besides the run
-# Test hook for fault tolerance: "STEP:MARKER_FILE" makes the last worker die at STEP once (while MARKER_FILE is absent).
-CRASH_ENV = "MPALIGN_TEST_CRASH_AT_STEP"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -254,14 +251,6 @@ def _validation_examples(val: Any, count: int) -> list[dict[str, Any]]:
             for row in val.select_columns(VALIDATION_EXAMPLE_COLUMNS).take(count)]
 
 
-def _crash_hook() -> dict[str, Any] | None:
-    value = os.environ.get(CRASH_ENV)
-    if not value:
-        return None
-    step, marker = value.split(":", 1)
-    return {"step": int(step), "marker": marker}
-
-
 def _fidelity_spec(cfg: Config, val: Any) -> dict[str, Any]:
     """What a sweep trial's fidelity evaluation generates (mpalign.eval.fidelity): benchmark requests, or val-split
     examples whose reference crops the worker writes out itself (the driver's disk may not be the worker's)."""
@@ -303,7 +292,6 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
             "config": cfg.to_dict(),
             "val_examples": _validation_examples(datasets["val"], train_cfg.val_num_images if train_cfg.val_every
                                                  else 0),
-            "crash": _crash_hook(),
             "fidelity": _fidelity_spec(cfg, datasets["val"]) if fidelity else None,
             "dataset_columns": dataset_columns(cfg),
             "verbose": verbose_console(),  # workers of a `ray job submit` do not inherit the job driver's environment
@@ -395,12 +383,6 @@ def _mean_across_workers(metrics: dict[str, float], world_size: int, device: tor
     return dict(zip(keys, (values / world_size).tolist()))
 
 
-def _maybe_crash(crash: dict[str, Any] | None, step: int, rank: int, world_size: int) -> None:
-    if crash and step == crash["step"] and rank == world_size - 1 and not os.path.exists(crash["marker"]):
-        Path(crash["marker"]).write_text(f"worker {rank} killed at step {step}\n")
-        os._exit(1)
-
-
 class RayInfoOffConsole(logging.Filter):
     """Drops Ray's own INFO records. Ray Train's log level (``RunConfig.logging_config``) reaches its ``ray.train``
     loggers only; a worker's "Reporting training result ..." line per report (the whole metrics dict) is logged
@@ -485,7 +467,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             yielded += 1
             if batch is None:
                 continue  # already consumed before the checkpoint this run resumed from
-            _maybe_crash(loop_config["crash"], state.step, rank, world_size)
             step_metrics = train_step(model, optimizer, batch, state.step, device=device,
                                       grad_accum_steps=train.grad_accum_steps, mixed_precision=train.mixed_precision,
                                       max_grad_norm=train.max_grad_norm, lr_scheduler=lr_scheduler,

@@ -197,7 +197,6 @@ def dataset(nodes, tmp_path_factory) -> Path:
 MAX_STEPS, CHECKPOINT_EVERY = 8, 2
 
 
-@pytest.mark.cluster
 def test_b_ddp_over_two_nodes_restarts_from_the_last_checkpoint_when_a_node_is_lost(fresh_nodes, dataset, tmp_path):
     from mpalign.train import run_training
 
@@ -244,7 +243,6 @@ def test_b_ddp_over_two_nodes_restarts_from_the_last_checkpoint_when_a_node_is_l
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.cluster
 def test_c_sweep_trials_on_different_nodes_fill_results_csv(fresh_nodes, dataset, tmp_path):
     import csv
 
@@ -255,7 +253,7 @@ def test_c_sweep_trials_on_different_nodes_fill_results_csv(fresh_nodes, dataset
     cfg = train_config(dataset, tmp_path / "unused", "train.max_steps=2", "train.val_every=1", "train.val_batches=1",
                        "train.materialize_max_gb=0", f"tune.output_dir={tmp_path / 'tune'}", f"tune.alphas={alphas}",
                        "tune.layer_sets=[down+mid]", "tune.scheduler=fifo", "tune.max_concurrent_trials=2",
-                       f"tune.cpus_per_trial={ONE_PER_NODE_CPUS}")
+                       f"tune.cpus_per_trial={ONE_PER_NODE_CPUS}", "tune.eval_samples=1", "tune.eval_steps=2")
     watcher = Watcher()
     outcome = watcher.run(lambda: run_sweep(cfg))
 
