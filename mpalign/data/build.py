@@ -8,12 +8,13 @@ Layout of the output folder::
     config.yaml                       the resolved config
     manifest.json                     what the shards were built from (resuming checks it)
 
-Records are split into shards up front (a clip's frames stay in one shard). A shard is finished in one place, which
-assembles its frame pairs and writes its two files atomically: in the ``chain`` layout the Ray actor that ran the
-stages on it (so samples never pass through the driver, and the output must be a folder every node shares), in the
-``per_stage`` layout the driver, which collects each shard's rows from the last pool. Either way the driver gets a
-summary per finished shard. A rerun skips every shard whose samples file exists, so a killed build resumes where
-it stopped and produces the same rows.
+The output is a local folder or a prefix on object storage (``s3://``; ``mpalign.data.output.OutputFolder``). Records
+are split into shards up front (a clip's frames stay in one shard). A shard is finished in one place, which assembles
+its frame pairs and writes its two files atomically: in the ``chain`` layout the Ray actor that ran the stages on it
+(so the output must be object storage or a folder every node shares), in the ``per_stage`` layout one of
+``data.shard_writers`` writer actors, which collects the shard's rows from the last pool. Either way samples never
+pass through the driver, which gets a summary per finished shard. A rerun skips every shard whose samples file exists,
+so a killed build resumes where it stopped and produces the same rows.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ from mpalign.data.stages import STAGE_NAMES, WORK_SCHEMA, StageChain
 
 MANIFEST_VERSION = 1
 # Where and how to build, not what: changing these between runs keeps the finished shards.
-NOT_ROW_DATA_SETTINGS = ("path", "input", "sample", "stage_layout", "chain", "stages")
+NOT_ROW_DATA_SETTINGS = ("path", "input", "sample", "stage_layout", "chain", "stages", "shard_writers")
 # The model settings rows depend on (the frozen encoders); adapter sizes or the device may change between runs.
 ROW_MODEL_SETTINGS = ("preset", "dtype", "seed", "sdxl", "image_encoder", "image_encoder_subfolder", "dinov2",
                       "grounding_dino", "sam", "spacy")
@@ -89,8 +90,64 @@ def finish_shard(out: OutputFolder, index: int, rows: list[dict[str, Any]], cfg:
     samples, rejects, pair_counts = assemble_shard(rows, cfg.data)
     n_samples, n_rejects = write_shard(out, index, samples, rejects, cfg)
     return {"shard": index, "samples": n_samples, "rejects": n_rejects, "frame_pairs": dict(pair_counts),
-            "writer": _this_node(),
+            "writer": _this_node(), "writer_pid": os.getpid(),
             "rows": [{k: row[k] for k in ("reject_stage", *(f"t_{n}" for n in STAGE_NAMES))} for row in rows]}
+
+
+class ShardCollector:
+    """The per-stage layout's shard writer: work rows of any shards, in any order and any batches → each shard
+    finished (assembled and written) as soon as all its rows are in. In the build it runs as Ray actors
+    (``data.shard_writers``), each collecting the shards ``ToShardWriters`` routes to it; ``add`` returns the
+    summaries of the shards it finished. Rows are kept by id, so a batch handed over twice (a retried task) counts
+    once."""
+
+    def __init__(self, cfg: Config, out: OutputFolder, shard_sizes: dict[int, int]) -> None:
+        self.cfg, self.out, self.shard_sizes = cfg, out, shard_sizes
+        self.pending: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
+
+    def add(self, batch: pa.Table) -> list[dict[str, Any]]:
+        finished = []
+        for row in batch.to_pylist():
+            rows = self.pending[row["shard"]]
+            rows[row["id"]] = row
+            if len(rows) == self.shard_sizes[row["shard"]]:
+                finished.append(finish_shard(self.out, row["shard"], list(self.pending.pop(row["shard"]).values()),
+                                             self.cfg))
+        return finished
+
+
+class ToShardWriters:
+    """The per-stage layout's last step, a Ray Data actor pool (actors, not tasks: a task's fresh worker would import
+    the builder each time once Ray has reaped the idle one): hands each shard's rows to the writer actor that collects
+    that shard (shard index mod the number of writers; the rows go from the object store to the writer, never through
+    the driver) and passes on, as JSON, the summaries of the shards they finished. It waits for the writers, so Ray
+    Data's backpressure also holds back a stream the writers cannot keep up with."""
+
+    def __init__(self, writers: list[Any]) -> None:
+        self.writers = writers
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import pyarrow.compute as pc
+        import ray
+
+        shard = batch.column("shard")
+        calls = [self.writers[i % len(self.writers)].add.remote(batch.filter(pc.equal(shard, i)))
+                 for i in pc.unique(shard).to_pylist()]
+        summaries = [json.dumps(summary) for finished in ray.get(calls) for summary in finished]
+        return pa.table({"summary": pa.array(summaries, pa.string())})
+
+
+def _shard_writers(cfg: Config, out: OutputFolder, shard_sizes: dict[int, int]) -> list[Any]:
+    """The per-stage layout's writer actors. They reserve no CPU: the stage pools are already scaled to fill the
+    cluster, and a reservation on top could never be granted (the build would wait forever). A local output folder
+    is written on the driver's node, so a multi-node build needs no shared filesystem; object storage from anywhere."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    placement = "SPREAD" if not out.local else NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)
+    writer = ray.remote(ShardCollector).options(num_cpus=0, scheduling_strategy=placement)
+    return [writer.remote(cfg, out, shard_sizes) for _ in range(cfg.data.shard_writers)]
 
 
 def _this_node() -> str:
@@ -213,9 +270,7 @@ def _ray_shards(cfg: Config, shards: dict[int, list[dict[str, Any]]], out: Outpu
         blocks = [pa.Table.from_pylist(records, schema=WORK_SCHEMA) for records in shards.values()]
         ds = ray.data.from_arrow(blocks).map_batches(ShardBuilder, fn_constructor_args=(cfg, out),
                                                      batch_size=None, batch_format="pyarrow", **_ray_options(pools[0][1]))
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            yield from (json.loads(summary) for summary in batch.column("summary").to_pylist())
-    else:  # one pool per stage, streaming rows; the driver finishes each shard once all its rows are out
+    else:  # one pool per stage, streaming rows; writer actors finish each shard once all its rows are out
         records = [r for rs in shards.values() for r in rs]
         first = pools[0][1]
         first.batch_size = min(first.batch_size, math.ceil(len(records) / first.concurrency))  # small inputs reach every actor
@@ -223,21 +278,12 @@ def _ray_shards(cfg: Config, shards: dict[int, list[dict[str, Any]]], out: Outpu
         for names, pool in pools:
             ds = ds.map_batches(StageChain, fn_constructor_args=(cfg, names), batch_format="pyarrow",
                                 batch_size=pool.batch_size, **_ray_options(pool))
-        yield from finish_shards_from_batches(ds.iter_batches(batch_format="pyarrow", batch_size=None),
-                                              {i: len(rs) for i, rs in shards.items()}, out, cfg)
+        writers = _shard_writers(cfg, out, {i: len(rs) for i, rs in shards.items()})
+        ds = ds.map_batches(ToShardWriters, fn_constructor_args=(writers,), batch_format="pyarrow", batch_size=None,
+                            compute=ray.data.ActorPoolStrategy(size=len(writers)), num_cpus=0)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        yield from (json.loads(summary) for summary in batch.column("summary").to_pylist())
     report["ray_data_stats"] = ds.stats()
-
-
-def finish_shards_from_batches(batches: Iterable[pa.Table], shard_sizes: dict[int, int], out: OutputFolder, cfg: Config
-                               ) -> Iterator[dict[str, Any]]:
-    """The per-stage layout's writer, on the driver: work rows in any order → each shard finished (assembled and
-    written) as soon as all its rows are in. ``benchmarks/bench_writer.py`` times it with full-size rows."""
-    pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for batch in batches:
-        for row in batch.to_pylist():
-            pending[row["shard"]].append(row)
-            if len(pending[row["shard"]]) == shard_sizes[row["shard"]]:
-                yield finish_shard(out, row["shard"], pending.pop(row["shard"]), cfg)
 
 
 def _local_shards(cfg: Config, shards: dict[int, list[dict[str, Any]]], out: OutputFolder, report: dict[str, Any]
@@ -376,6 +422,7 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
     arrivals: list[tuple[float, int]] = []  # (seconds since start, records) of each finished shard
     pair_counts: Counter[str] = Counter()
     writers: Counter[str] = Counter()  # shards written per node
+    by_driver = 0  # shards written in this process: all of them without Ray, none in either Ray layout
     report: dict[str, Any] = {}
     last_logged, logged_at = 0, start
     if todo:
@@ -392,6 +439,7 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
             rows_seen += rows
             pair_counts.update(summary["frame_pairs"])
             writers[summary["writer"]] += 1
+            by_driver += summary["writer"] == _this_node() and summary["writer_pid"] == os.getpid()
             now = time.perf_counter()
             if progress_due(written, len(todo), last_logged, now - logged_at):
                 rate = len(rows_seen) / (now - start)
@@ -416,6 +464,7 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
                      "steady_records_per_s": _steady_rate(arrivals),
                      "actor_pools": report.get("actor_pools"),
                      "shards_by_writer_node": dict(writers),
+                     "shards_written_by_driver": by_driver,
                      "stages": _stage_stats(rows_seen)},
     }
     out.write_text(STATS_FILE, json.dumps(stats, indent=1))
