@@ -98,7 +98,7 @@ class ShardCollector:
     """The per-stage layout's shard writer: work rows of any shards, in any order and any batches → each shard
     finished (assembled and written) as soon as all its rows are in. In the build it runs as Ray actors
     (``data.shard_writers``), each collecting the shards ``ToShardWriters`` routes to it; ``add`` returns the
-    summaries of the shards it finished. Rows are kept by id, so a batch handed over twice (a retried task) counts
+    summaries of the shards it finished. Rows are kept by id, so a batch handed over twice (one Ray Data retried) counts
     once."""
 
     def __init__(self, cfg: Config, out: OutputFolder, shard_sizes: dict[int, int]) -> None:
