@@ -128,13 +128,16 @@ class DataConfig:
     rows_per_shard: int = 64
     val_fraction: float = 0.1
     # How the Ray pipeline maps stages to actor pools: "per_stage" (one pool per stage, data.stages.<name>, so CPU
-    # stages overlap GPU ones; the driver writes the shards), "chain" (one pool, data.chain, whose actors each build
+    # stages overlap GPU ones; data.shard_writers actors write the shards), "chain" (one pool, data.chain, whose actors each build
     # and write whole shards: on CPUs, where all stages share the same cores, this saves four hand-offs between
     # processes, and no sample passes through the driver), "auto" (chain when data.chain asks for GPUs or nothing
     # does and the cluster has none; per_stage otherwise).
     stage_layout: str = "auto"
     chain: ActorPoolConfig = field(default_factory=ActorPoolConfig)
     stages: dict[str, StageConfig] = field(default_factory=dict)  # by stage name; in the chain only batch_size counts
+    # per_stage layout: actors collecting each shard's rows from the last stage and writing it. One writes 30-50
+    # full-size (SDXL) rows per CPU-second (benchmarks/bench_writer.py, docs/cluster.md): 4 for ~100 rows/s of GPUs
+    shard_writers: int = 4
 
 
 @dataclass
@@ -336,11 +339,14 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> Path:
         """Write the resolved config as YAML; every entry point saves one next to its outputs."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        path.write_text(self.to_yaml())
         return path
 
 
@@ -452,6 +458,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.max_box_overlap_iou": _fraction(), "data.min_box_area": _fraction(), "data.max_box_area": _fraction(),
     "data.max_box_aspect_ratio": _at_least(1), "data.crop_size": _at_least(1), "data.rows_per_shard": _at_least(1),
     "data.val_fraction": _fraction(), "data.stage_layout": _one_of(*STAGE_LAYOUTS),
+    "data.shard_writers": _at_least(1),
     "data.correspondence_points": _at_least(1), "data.correspondence_min_points": _at_least(1),
     "data.correspondence_min_similarity": ((lambda v: -1.0 <= v <= 1.0), "between -1 and 1 (a cosine)"),
     "model.method": _one_of(*METHODS), "model.preset": _one_of("tiny", "toy", "pretrained"),

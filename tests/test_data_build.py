@@ -289,6 +289,7 @@ def test_the_ray_free_local_executor_builds_the_same_rows(built):
     stats = build_dataset(built["cfg"], input=str(built["input"]), output=str(out), executor="local",
                           log=lambda _: None)
     assert stats["this_run"]["executor"] == "local" and stats["reject_reasons"] == built["stats"]["reject_reasons"]
+    assert stats["this_run"]["shards_written_by_driver"] == stats["shards"]["built_now"]
     assert_same_rows(_samples(out), _samples(built["out"]))
 
 
@@ -309,12 +310,14 @@ def test_cli_reports_user_mistakes_in_one_line(tmp_path):
 
 def test_one_actor_pool_per_stage_builds_the_same_rows(built):
     """The default on a CPU-only Ray is one pool of actors running the whole chain; per-stage pools (the GPU layout)
-    must give the same dataset."""
+    must give the same dataset. In both, Ray workers write the shards, never the driver."""
     assert list(built["stats"]["this_run"]["actor_pools"]) == ["+".join(STAGE_NAMES)]
-    cfg = load_config(overrides=OVERRIDES + ["data.stage_layout=per_stage"])
+    assert built["stats"]["this_run"]["shards_written_by_driver"] == 0
+    cfg = load_config(overrides=OVERRIDES + ["data.stage_layout=per_stage", "data.shard_writers=2"])
     out = built["root"] / "per-stage"
     stats = build_dataset(cfg, input=str(built["input"]), output=str(out), log=lambda _: None)
     assert list(stats["this_run"]["actor_pools"]) == list(STAGE_NAMES)
+    assert stats["this_run"]["shards_written_by_driver"] == 0 and stats["shards"]["built_now"] > 1
     assert stats["reject_reasons"] == built["stats"]["reject_reasons"]
     assert_same_rows(_samples(out), _samples(built["out"]))
 

@@ -15,6 +15,7 @@ from mpalign.config import ConfigError, DataConfig, load_config
 from mpalign.data.build import ShardBuilder, _steady_rate, actor_pools
 from mpalign.data.detection import box_passes_rules, detector_prompt, phrase_token_spans, select_boxes
 from mpalign.data.images import RejectRecord, decode_image
+from mpalign.data.output import OutputFolder
 from mpalign.data.pairs import match_subjects, reference_frames
 from mpalign.data.records import assign_shards, read_records, split_of
 from mpalign.data.schema import decode_png
@@ -358,7 +359,7 @@ def test_steady_rate_skips_the_start_up_and_the_first_burst():
 
 
 def test_a_chain_actor_that_cannot_see_the_output_asks_for_shared_storage(tmp_path):
-    builder = ShardBuilder(load_config(), str(tmp_path / "on-another-node"))
+    builder = ShardBuilder(load_config(), OutputFolder(tmp_path / "on-another-node"))
     with pytest.raises(ConfigError, match="every node shares"):
         builder(pa.Table.from_pylist([], schema=WORK_SCHEMA))
 

@@ -1,9 +1,11 @@
-"""Object storage as clusters use it, against a local S3-compatible server (moto's, on 127.0.0.1 only): the dataset read
-from s3://, Ray Train's checkpoints on s3:// through a resume, the final adapter generating; and the failures a user
-meets first (unreachable endpoint, no credentials, no dataset) as one error line within seconds."""
+"""Object storage as clusters use it, against a local S3-compatible server (moto's, on 127.0.0.1 only): the dataset
+built onto s3:// (both layouts; resumed, refused, overwritten) and read from there, Ray Train's checkpoints on s3://
+through a resume, the final adapter generating; and the failures a user meets first (unreachable endpoint, no
+credentials, no dataset, no bucket) as one error line within seconds."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -42,6 +44,24 @@ def s3():
         server.stop()
 
 
+@contextlib.contextmanager
+def ray_with_the_s3_settings():
+    """A local Ray whose workers start with the AWS settings of the fixture in their environment; the Ray that ran
+    before (without them) comes back afterwards."""
+    import ray
+    from conftest import start_local_ray
+
+    had_ray = ray.is_initialized()
+    ray.shutdown()
+    try:
+        start_local_ray()
+        yield
+    finally:
+        ray.shutdown()
+        if had_ray:
+            start_local_ray()
+
+
 def test_a_reachable_store_answers_and_a_missing_path_is_named(s3):
     assert check_storage(f"{s3}", "bucket") is True
     assert check_storage(f"{s3}/nothing-here", "train.storage_path") is False
@@ -76,36 +96,86 @@ def test_training_cli_on_an_unreachable_store_prints_one_error_line(s3, tmp_path
     assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+def test_the_builder_writes_to_s3_and_a_rerun_keeps_the_finished_shards(s3, tmp_path):
+    """Shards, rejects, stats and manifest straight onto s3:// (the Ray-free loop: the same writer, no Ray start-up);
+    a second run skips the finished shard, another input is refused, --overwrite deletes what was there."""
+    import json
+
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from mpalign.config import SampleDataConfig, load_config
+    from mpalign.data.build import build_dataset
+    from mpalign.sample_data import generate_sample_dataset
+
+    sample = generate_sample_dataset(tmp_path / "sample", SampleDataConfig(num_images=3, num_videos=0, image_size=64))
+    cfg = load_config(overrides=["data.rows_per_shard=2"])
+    out = f"{s3}/resumed-dataset"
+
+    def build(**kwargs):
+        return build_dataset(cfg, input=str(sample), output=out, executor="local", log=lambda _: None, **kwargs)
+
+    first = build(max_shards=1)
+    assert first["shards"] == {"total": 2, "built_now": 1, "skipped": 0, "finished": 1}
+    again = build()
+    assert again["shards"] == {"total": 2, "built_now": 1, "skipped": 1, "finished": 2}
+    fs, root = filesystem(out)
+    assert pq.read_table(f"{root}/samples", filesystem=fs).num_rows == again["samples"] == 3
+    with fs.open_input_stream(f"{root}/stats.json") as stats:
+        assert json.loads(stats.read()) == again
+    files = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    assert not any(info.base_name.endswith(".tmp") for info in files)  # on S3 a put is atomic: no temporary names
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "x", "image": "x.png", "caption": "a dog"}) + "\n")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        build_dataset(cfg, input=str(other), output=out, executor="local", log=lambda _: None)
+    rebuilt = build_dataset(cfg, input=str(other), output=out, executor="local", log=lambda _: None, overwrite=True)
+    assert rebuilt["shards"]["finished"] == 1 and rebuilt["samples"] + rebuilt["rejects"] == 1
+    with pytest.raises(ConfigError, match="cannot write output 's3://no-such-bucket/ds'"):
+        build_dataset(cfg, input=str(other), output="s3://no-such-bucket/ds", executor="local", log=lambda _: None)
+
+
+def test_the_builder_on_an_unreachable_store_prints_one_error_line(s3, tmp_path, monkeypatch, capsys):
+    import runpy
+    from pathlib import Path
+
+    from mpalign.cli import run_cli
+
+    main = runpy.run_path(str(Path(__file__).parent.parent / "pipelines" / "build_dataset.py"))["main"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    start = time.perf_counter()
+    code = run_cli(main, ["--input", str(tmp_path / "records.jsonl"), "--output", f"{s3}/dataset"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: cannot reach output 's3://"), err
+    assert len(err.splitlines()) == 1 and time.perf_counter() - start < 15
+
+
 @pytest.mark.slow
-def test_dataset_and_checkpoints_on_s3_train_resume_and_generate(s3, tmp_path_factory, tmp_path):
-    """Build (locally, then uploaded: the builder writes to a filesystem path) → train from s3:// with Ray Train's
+def test_dataset_and_checkpoints_on_s3_train_resume_and_generate(s3, tmp_path):
+    """Build straight onto s3:// (the chain layout's Ray actors write the shards) → train from it with Ray Train's
     checkpoints on s3:// → resume from them → generate with the adapter."""
     import pyarrow.fs as pafs
-    import ray
-    from conftest import start_local_ray
     from PIL import Image
-    from train_support import tiny_dataset, train_config
+    from train_support import DATASET_OVERRIDES, train_config
 
+    from mpalign.config import load_config
+    from mpalign.data.build import build_dataset
+    from mpalign.data.stages import STAGE_NAMES
     from mpalign.generate import main as generate_main
     from mpalign.train import run_training
 
-    had_ray = ray.is_initialized()
-    ray.shutdown()  # Ray's workers must start with the AWS settings of the fixture in their environment
-    dataset = tiny_dataset(tmp_path_factory)
     fs, root = filesystem(s3)
-    pafs.copy_files(str(dataset), f"{root}/dataset", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     storage = f"{s3}/train"
     cfg = train_config(f"{s3}/dataset", tmp_path / "train", f"train.storage_path={storage}", "train.max_steps=2",
                        "train.checkpoint_every=1", "train.materialize_max_gb=0")
-    try:
-        start_local_ray()
+    with ray_with_the_s3_settings():
+        built = build_dataset(load_config(overrides=[*DATASET_OVERRIDES, f"data.path={s3}/dataset"]),
+                              log=lambda _: None)
+        assert built["samples"] > 0 and list(built["this_run"]["actor_pools"]) == ["+".join(STAGE_NAMES)]
+        assert fs.get_file_info(f"{root}/dataset/stats.json").size > 0
         assert run_training(cfg).metrics["step"] == 2
         cfg.train.max_steps = 3
         outcome = run_training(cfg, resume=True)
-    finally:
-        ray.shutdown()
-        if had_ray:
-            start_local_ray()
     assert outcome.metrics["resumed_from_step"] == 2 and outcome.metrics["step"] == 3
     assert f"{BUCKET}/train/run/checkpoint_" in outcome.checkpoint_path  # Ray Train's checkpoint is on S3
     kept = [info.path for info in fs.get_file_info(pafs.FileSelector(f"{root}/train/run"))
@@ -116,3 +186,23 @@ def test_dataset_and_checkpoints_on_s3_train_resume_and_generate(s3, tmp_path_fa
     assert generate_main(["--adapter", str(outcome.adapter_dir), "--prompt", "a ball", "--subject", str(subject),
                           "--phrase", "ball", "--box", "0.1,0.1,0.6,0.6", "--steps", "2", "--out", str(out)]) == 0
     assert out.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_per_stage_layout_writes_its_shards_onto_s3_from_writer_actors(s3, tmp_path):
+    """The GPU layout onto s3://: every shard written by a writer actor (spread over the nodes: object storage is
+    reached from all of them), none by the driver, and the rows all there."""
+    import pyarrow.parquet as pq
+
+    from mpalign.config import SampleDataConfig, load_config
+    from mpalign.data.build import build_dataset
+    from mpalign.sample_data import generate_sample_dataset
+
+    sample = generate_sample_dataset(tmp_path / "sample", SampleDataConfig(num_images=6, num_videos=1, image_size=64))
+    cfg = load_config(overrides=["data.rows_per_shard=3", "data.stage_layout=per_stage", "data.shard_writers=2"])
+    with ray_with_the_s3_settings():
+        stats = build_dataset(cfg, input=str(sample), output=f"{s3}/per-stage", log=lambda _: None)
+    assert stats["shards"]["finished"] == stats["shards"]["total"] >= 3
+    assert stats["this_run"]["shards_written_by_driver"] == 0
+    fs, root = filesystem(f"{s3}/per-stage")
+    assert pq.read_table(f"{root}/samples", filesystem=fs).num_rows == stats["samples"] > 0

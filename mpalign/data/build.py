@@ -8,12 +8,13 @@ Layout of the output folder::
     config.yaml                       the resolved config
     manifest.json                     what the shards were built from (resuming checks it)
 
-Records are split into shards up front (a clip's frames stay in one shard). A shard is finished in one place, which
-assembles its frame pairs and writes its two files atomically: in the ``chain`` layout the Ray actor that ran the
-stages on it (so samples never pass through the driver, and the output must be a folder every node shares), in the
-``per_stage`` layout the driver, which collects each shard's rows from the last pool. Either way the driver gets a
-summary per finished shard. A rerun skips every shard whose samples file exists, so a killed build resumes where
-it stopped and produces the same rows.
+The output is a local folder or a prefix on object storage (``s3://``; ``mpalign.data.output.OutputFolder``). Records
+are split into shards up front (a clip's frames stay in one shard). A shard is finished in one place, which assembles
+its frame pairs and writes its two files atomically: in the ``chain`` layout the Ray actor that ran the stages on it
+(so the output must be object storage or a folder every node shares), in the ``per_stage`` layout one of
+``data.shard_writers`` writer actors, which collects the shard's rows from the last pool. Either way samples never
+pass through the driver, which gets a summary per finished shard. A rerun skips every shard whose samples file exists,
+so a killed build resumes where it stopped and produces the same rows.
 """
 
 from __future__ import annotations
@@ -22,19 +23,18 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mpalign.cli import start_ray
 from mpalign.config import STAGE_LAYOUTS, ActorPoolConfig, Config, ConfigError, StageConfig
 from mpalign.data.assemble import assemble_shard, safe_reject_row
+from mpalign.data.output import OutputFolder
 from mpalign.data.records import assign_shards, fingerprint, read_records
 from mpalign.data.schema import (
     CONFIG_FILE,
@@ -50,7 +50,7 @@ from mpalign.data.stages import STAGE_NAMES, WORK_SCHEMA, StageChain
 
 MANIFEST_VERSION = 1
 # Where and how to build, not what: changing these between runs keeps the finished shards.
-NOT_ROW_DATA_SETTINGS = ("path", "input", "sample", "stage_layout", "chain", "stages")
+NOT_ROW_DATA_SETTINGS = ("path", "input", "sample", "stage_layout", "chain", "stages", "shard_writers")
 # The model settings rows depend on (the frozen encoders); adapter sizes or the device may change between runs.
 ROW_MODEL_SETTINGS = ("preset", "dtype", "seed", "sdxl", "image_encoder", "image_encoder_subfolder", "dinov2",
                       "grounding_dino", "sam", "spacy")
@@ -60,13 +60,7 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-
-
-def write_shard(out: Path, index: int, samples: list[dict[str, Any]], rejects: list[dict[str, Any]],
+def write_shard(out: OutputFolder, index: int, samples: list[dict[str, Any]], rejects: list[dict[str, Any]],
                 cfg: Config) -> tuple[int, int]:
     """Rejects first, samples last: the samples file existing is what marks a shard finished. A sample the
     samples schema cannot hold becomes a ``stage_error`` reject of stage "write" instead of failing the shard
@@ -85,19 +79,75 @@ def write_shard(out: Path, index: int, samples: list[dict[str, Any]], rejects: l
                 rejects.append(safe_reject_row({**sample, "reason": "stage_error", "stage": "write",
                                                 "detail": f"{type(row_exc).__name__}: {row_exc}"[:500]}))
         samples, table = kept, pa.Table.from_pylist(kept, schema=schema)
-    _write_atomic(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), out / REJECTS_DIR / shard_name(index))
-    _write_atomic(table, out / SAMPLES_DIR / shard_name(index))
+    out.write_parquet(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), REJECTS_DIR, shard_name(index))
+    out.write_parquet(table, SAMPLES_DIR, shard_name(index))
     return len(samples), len(rejects)
 
 
-def finish_shard(out: Path, index: int, rows: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
+def finish_shard(out: OutputFolder, index: int, rows: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
     """Assemble and write one shard from all its finished work rows; returns the summary the driver keeps: counts,
     and each row's reject stage and stage times (for stats.json)."""
     samples, rejects, pair_counts = assemble_shard(rows, cfg.data)
     n_samples, n_rejects = write_shard(out, index, samples, rejects, cfg)
     return {"shard": index, "samples": n_samples, "rejects": n_rejects, "frame_pairs": dict(pair_counts),
-            "writer": _this_node(),
+            "writer": _this_node(), "writer_pid": os.getpid(),
             "rows": [{k: row[k] for k in ("reject_stage", *(f"t_{n}" for n in STAGE_NAMES))} for row in rows]}
+
+
+class ShardCollector:
+    """The per-stage layout's shard writer: work rows of any shards, in any order and any batches → each shard
+    finished (assembled and written) as soon as all its rows are in. In the build it runs as Ray actors
+    (``data.shard_writers``), each collecting the shards ``ToShardWriters`` routes to it; ``add`` returns the
+    summaries of the shards it finished. Rows are kept by id, so a batch handed over twice (one Ray Data retried) counts
+    once."""
+
+    def __init__(self, cfg: Config, out: OutputFolder, shard_sizes: dict[int, int]) -> None:
+        self.cfg, self.out, self.shard_sizes = cfg, out, shard_sizes
+        self.pending: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
+
+    def add(self, batch: pa.Table) -> list[dict[str, Any]]:
+        finished = []
+        for row in batch.to_pylist():
+            rows = self.pending[row["shard"]]
+            rows[row["id"]] = row
+            if len(rows) == self.shard_sizes[row["shard"]]:
+                finished.append(finish_shard(self.out, row["shard"], list(self.pending.pop(row["shard"]).values()),
+                                             self.cfg))
+        return finished
+
+
+class ToShardWriters:
+    """The per-stage layout's last step, a Ray Data actor pool (actors, not tasks: a task's fresh worker would import
+    the builder each time once Ray has reaped the idle one): hands each shard's rows to the writer actor that collects
+    that shard (shard index mod the number of writers; the rows go from the object store to the writer, never through
+    the driver) and passes on, as JSON, the summaries of the shards they finished. It waits for the writers, so Ray
+    Data's backpressure also holds back a stream the writers cannot keep up with."""
+
+    def __init__(self, writers: list[Any]) -> None:
+        self.writers = writers
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import pyarrow.compute as pc
+        import ray
+
+        shard = batch.column("shard")
+        calls = [self.writers[i % len(self.writers)].add.remote(batch.filter(pc.equal(shard, i)))
+                 for i in pc.unique(shard).to_pylist()]
+        summaries = [json.dumps(summary) for finished in ray.get(calls) for summary in finished]
+        return pa.table({"summary": pa.array(summaries, pa.string())})
+
+
+def _shard_writers(cfg: Config, out: OutputFolder, shard_sizes: dict[int, int]) -> list[Any]:
+    """The per-stage layout's writer actors. They reserve no CPU: the stage pools are already scaled to fill the
+    cluster, and a reservation on top could never be granted (the build would wait forever). A local output folder
+    is written on the driver's node, so a multi-node build needs no shared filesystem; object storage from anywhere."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    placement = "SPREAD" if not out.local else NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)
+    writer = ray.remote(ShardCollector).options(num_cpus=0, scheduling_strategy=placement)
+    return [writer.remote(cfg, out, shard_sizes) for _ in range(cfg.data.shard_writers)]
 
 
 def _this_node() -> str:
@@ -112,18 +162,18 @@ class ShardBuilder:
     """Every stage, then the shard's writing, in one actor: each batch Ray Data hands it is one shard's records
     (``batch_size=None`` over one block per shard), each output row one shard's summary as JSON."""
 
-    def __init__(self, cfg: Config, out: str) -> None:
-        self.cfg, self.out = cfg, Path(out)
+    def __init__(self, cfg: Config, out: OutputFolder) -> None:
+        self.cfg, self.out = cfg, out
         self.chain = StageChain(cfg)
 
     def build(self, index: int, records: list[dict[str, Any]]) -> dict[str, Any]:
         return finish_shard(self.out, index, self.chain.run([dict(r) for r in records]), self.cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if not (self.out / SAMPLES_DIR).is_dir():
+        if not self.out.visible_here(SAMPLES_DIR):
             raise ConfigError(f"output '{self.out}' is not on this Ray node ({os.uname().nodename}): the chain layout "
-                              f"writes shards from the workers, so the output must be on a file system every node "
-                              f"shares; or set data.stage_layout=per_stage, which writes from the driver")
+                              f"writes shards from the workers, so the output must be object storage (s3://) or a "
+                              f"file system every node shares; or set data.stage_layout=per_stage")
         shards: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for record in batch.to_pylist():
             shards[record["shard"]].append(record)
@@ -210,7 +260,7 @@ def _ray_options(pool: ActorPoolConfig) -> dict[str, Any]:
             "num_gpus": pool.num_gpus, **({"memory": pool.memory_gb * 2**30} if pool.memory_gb > 0 else {})}
 
 
-def _ray_shards(cfg: Config, shards: dict[int, list[dict[str, Any]]], out: Path, report: dict[str, Any]
+def _ray_shards(cfg: Config, shards: dict[int, list[dict[str, Any]]], out: OutputFolder, report: dict[str, Any]
                 ) -> Iterator[dict[str, Any]]:
     """Shard summaries from the Ray Data pipeline, streaming, in the layout ``actor_pools`` picks."""
     import ray
@@ -218,11 +268,9 @@ def _ray_shards(cfg: Config, shards: dict[int, list[dict[str, Any]]], out: Path,
     pools = _start_ray(cfg, report)
     if pools[0][0] == STAGE_NAMES:  # the chain: its actors build and write whole shards
         blocks = [pa.Table.from_pylist(records, schema=WORK_SCHEMA) for records in shards.values()]
-        ds = ray.data.from_arrow(blocks).map_batches(ShardBuilder, fn_constructor_args=(cfg, str(out)),
+        ds = ray.data.from_arrow(blocks).map_batches(ShardBuilder, fn_constructor_args=(cfg, out),
                                                      batch_size=None, batch_format="pyarrow", **_ray_options(pools[0][1]))
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            yield from (json.loads(summary) for summary in batch.column("summary").to_pylist())
-    else:  # one pool per stage, streaming rows; the driver finishes each shard once all its rows are out
+    else:  # one pool per stage, streaming rows; writer actors finish each shard once all its rows are out
         records = [r for rs in shards.values() for r in rs]
         first = pools[0][1]
         first.batch_size = min(first.batch_size, math.ceil(len(records) / first.concurrency))  # small inputs reach every actor
@@ -230,28 +278,19 @@ def _ray_shards(cfg: Config, shards: dict[int, list[dict[str, Any]]], out: Path,
         for names, pool in pools:
             ds = ds.map_batches(StageChain, fn_constructor_args=(cfg, names), batch_format="pyarrow",
                                 batch_size=pool.batch_size, **_ray_options(pool))
-        yield from finish_shards_from_batches(ds.iter_batches(batch_format="pyarrow", batch_size=None),
-                                              {i: len(rs) for i, rs in shards.items()}, out, cfg)
+        writers = _shard_writers(cfg, out, {i: len(rs) for i, rs in shards.items()})
+        ds = ds.map_batches(ToShardWriters, fn_constructor_args=(writers,), batch_format="pyarrow", batch_size=None,
+                            compute=ray.data.ActorPoolStrategy(size=len(writers)), num_cpus=0)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        yield from (json.loads(summary) for summary in batch.column("summary").to_pylist())
     report["ray_data_stats"] = ds.stats()
 
 
-def finish_shards_from_batches(batches: Iterable[pa.Table], shard_sizes: dict[int, int], out: Path, cfg: Config
-                               ) -> Iterator[dict[str, Any]]:
-    """The per-stage layout's writer, on the driver: work rows in any order → each shard finished (assembled and
-    written) as soon as all its rows are in. ``benchmarks/bench_writer.py`` times it with full-size rows."""
-    pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for batch in batches:
-        for row in batch.to_pylist():
-            pending[row["shard"]].append(row)
-            if len(pending[row["shard"]]) == shard_sizes[row["shard"]]:
-                yield finish_shard(out, row["shard"], pending.pop(row["shard"]), cfg)
-
-
-def _local_shards(cfg: Config, shards: dict[int, list[dict[str, Any]]], out: Path, report: dict[str, Any]
+def _local_shards(cfg: Config, shards: dict[int, list[dict[str, Any]]], out: OutputFolder, report: dict[str, Any]
                   ) -> Iterator[dict[str, Any]]:
     """The same stage chain and shard writing in a plain loop: no Ray needed (the GPU benchmark machine has none)
     and the baseline the Ray pipeline is measured against."""
-    builder = ShardBuilder(cfg, str(out))
+    builder = ShardBuilder(cfg, out)
     for index, records in shards.items():
         yield builder.build(index, records)
 
@@ -259,42 +298,41 @@ def _local_shards(cfg: Config, shards: dict[int, list[dict[str, Any]]], out: Pat
 EXECUTORS = {"ray": _ray_shards, "local": _local_shards}
 
 
-def _check_manifest(out: Path, manifest: dict[str, Any], overwrite: bool) -> None:
-    path = out / MANIFEST_FILE
-    if overwrite and out.exists():
-        for sub in (SAMPLES_DIR, REJECTS_DIR):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        for name in (STATS_FILE, MANIFEST_FILE, CONFIG_FILE):
-            (out / name).unlink(missing_ok=True)
-    elif path.exists():
+# What a build writes: deleted by --overwrite, and when an earlier build of other data finished no shard.
+BUILD_FILES = (SAMPLES_DIR, REJECTS_DIR, STATS_FILE, MANIFEST_FILE, CONFIG_FILE)
+
+
+def _check_manifest(out: OutputFolder, manifest: dict[str, Any], overwrite: bool) -> None:
+    if overwrite:
+        out.remove(*BUILD_FILES)
+    elif out.exists(MANIFEST_FILE):
         try:
-            old = json.loads(path.read_text())
+            old = json.loads(out.read_text(MANIFEST_FILE))
         except (ValueError, UnicodeDecodeError):
             old = {}
-        finished = any((out / SAMPLES_DIR).glob("*.parquet"))
-        if old.get("fingerprint") != manifest["fingerprint"] and not finished:
+        if old.get("fingerprint") != manifest["fingerprint"] and not _parquet_files(out, SAMPLES_DIR):
             # a build that failed before finishing any shard: nothing to keep, so it never blocks the fixed rerun
-            for sub in (SAMPLES_DIR, REJECTS_DIR):  # rejects-only files of its unfinished shards included
-                shutil.rmtree(out / sub, ignore_errors=True)
-            for name in (STATS_FILE, MANIFEST_FILE, CONFIG_FILE):
-                (out / name).unlink(missing_ok=True)
+            out.remove(*BUILD_FILES)  # rejects-only files of its unfinished shards included
         elif old.get("fingerprint") != manifest["fingerprint"]:
             raise ConfigError(f"output '{out}' holds a dataset built from another input or config; pass --overwrite "
                               f"to rebuild it or choose another --output")
-    elif out.exists() and any(out.iterdir()):
+    elif not out.is_empty():
         raise ConfigError(f"output '{out}' exists and is not a dataset built by this tool; pass --overwrite or choose "
                           f"another --output")
-    for sub in (SAMPLES_DIR, REJECTS_DIR):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest, indent=1))
+    out.make_folders(SAMPLES_DIR, REJECTS_DIR)
+    out.write_text(MANIFEST_FILE, json.dumps(manifest, indent=1))
 
 
-def _dataset_counts(out: Path) -> dict[str, Any]:
+def _parquet_files(out: OutputFolder, subfolder: str) -> set[str]:
+    return {name for name in out.file_names(subfolder) if name.endswith(".parquet")}
+
+
+def _dataset_counts(out: OutputFolder) -> dict[str, Any]:
     """Counts over every finished shard (this run's and earlier runs'), read from the files themselves."""
-    samples = pq.read_table(out / SAMPLES_DIR, columns=["split", "num_subjects"]) if any(
-        (out / SAMPLES_DIR).glob("*.parquet")) else pa.table({"split": [], "num_subjects": []})
-    rejects = pq.read_table(out / REJECTS_DIR, columns=["reason", "stage"]) if any(
-        (out / REJECTS_DIR).glob("*.parquet")) else pa.table({"reason": [], "stage": []})
+    samples = out.read_parquet(SAMPLES_DIR, ["split", "num_subjects"]) if _parquet_files(out, SAMPLES_DIR) else (
+        pa.table({"split": [], "num_subjects": []}))
+    rejects = out.read_parquet(REJECTS_DIR, ["reason", "stage"]) if _parquet_files(out, REJECTS_DIR) else (
+        pa.table({"reason": [], "stage": []}))
     return {
         "samples": samples.num_rows,
         "rejects": rejects.num_rows,
@@ -357,8 +395,9 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
         resolve_dtype(cfg.data.vae_dtype)
     except ValueError as exc:
         raise ConfigError(f"data.vae_dtype: {exc}") from None
+    out = OutputFolder(output or cfg.data.path)
+    out.check_reachable()
     input_path = Path(input or cfg.data.input or ensure_sample_dataset(cfg.data.sample)).resolve()
-    out = Path(output or cfg.data.path).resolve()
     records = read_records(input_path)
     if not records:
         raise ConfigError(f"input '{input_path}' holds no records")
@@ -368,10 +407,11 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
     manifest = {"input": str(input_path), "records": len(records), "shards": len(shards),
                 "fingerprint": fingerprint(records, settings_key)}
     _check_manifest(out, manifest, overwrite)
-    dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, input=str(input_path), path=str(out))).save(
-        out / CONFIG_FILE)
+    resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, input=str(input_path), path=str(out)))
+    out.write_text(CONFIG_FILE, resolved.to_yaml())
 
-    todo = [i for i in range(len(shards)) if not (out / SAMPLES_DIR / shard_name(i)).exists()]
+    finished = _parquet_files(out, SAMPLES_DIR)
+    todo = [i for i in range(len(shards)) if shard_name(i) not in finished]
     skipped = len(shards) - len(todo)
     if max_shards is not None:
         todo = todo[:max_shards]
@@ -382,6 +422,7 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
     arrivals: list[tuple[float, int]] = []  # (seconds since start, records) of each finished shard
     pair_counts: Counter[str] = Counter()
     writers: Counter[str] = Counter()  # shards written per node
+    by_driver = 0  # shards written in this process: all of them without Ray, none in either Ray layout
     report: dict[str, Any] = {}
     last_logged, logged_at = 0, start
     if todo:
@@ -391,13 +432,14 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
             arrivals.append((time.perf_counter() - start, len(rows)))
             if len(rows) != len(shards[index]):  # cannot happen unless a stage lost rows; never a silently short shard
                 raise RuntimeError(f"shard {index} was written from {len(rows)} of its {len(shards[index])} records")
-            if not (out / SAMPLES_DIR / shard_name(index)).exists():
+            if not out.exists(SAMPLES_DIR, shard_name(index)):
                 raise ConfigError(f"shard {index} was written by a Ray worker but '{out}' does not show it here: the "
-                                  f"chain layout writes shards from the workers, so the output must be on a file "
-                                  f"system every node shares; or set data.stage_layout=per_stage")
+                                  f"chain layout writes shards from the workers, so the output must be object storage "
+                                  f"(s3://) or a file system every node shares; or set data.stage_layout=per_stage")
             rows_seen += rows
             pair_counts.update(summary["frame_pairs"])
             writers[summary["writer"]] += 1
+            by_driver += summary["writer"] == _this_node() and summary["writer_pid"] == os.getpid()
             now = time.perf_counter()
             if progress_due(written, len(todo), last_logged, now - logged_at):
                 rate = len(rows_seen) / (now - start)
@@ -407,13 +449,13 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
         if len(arrivals) != len(todo):  # cannot happen unless a stage lost rows; never end with shards missing
             raise RuntimeError(f"{len(todo) - len(arrivals)} shard(s) never received all their records")
         if "ray_data_stats" in report:
-            (out / "ray_data_stats.txt").write_text(report["ray_data_stats"])
+            out.write_text("ray_data_stats.txt", report["ray_data_stats"])
     wall = time.perf_counter() - start
     stats = {
         "input": str(input_path),
         "records": len(records),
         "shards": {"total": len(shards), "built_now": len(todo), "skipped": skipped,
-                   "finished": sum((out / SAMPLES_DIR / shard_name(i)).exists() for i in range(len(shards)))},
+                   "finished": len(_parquet_files(out, SAMPLES_DIR) & {shard_name(i) for i in range(len(shards))})},
         **_dataset_counts(out),
         "frame_pairs": dict(pair_counts),
         "this_run": {"executor": executor, "records": len(rows_seen), "wall_s": round(wall, 3),
@@ -422,9 +464,10 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
                      "steady_records_per_s": _steady_rate(arrivals),
                      "actor_pools": report.get("actor_pools"),
                      "shards_by_writer_node": dict(writers),
+                     "shards_written_by_driver": by_driver,
                      "stages": _stage_stats(rows_seen)},
     }
-    (out / STATS_FILE).write_text(json.dumps(stats, indent=1))
+    out.write_text(STATS_FILE, json.dumps(stats, indent=1))
     log(f"[build] done: {stats['samples']} samples, {stats['rejects']} rejects "
         f"({', '.join(f'{k} {v}' for k, v in stats['reject_reasons'].items()) or 'none'}) → {out}")
     return stats

@@ -1,0 +1,102 @@
+"""Where the dataset builder's output lives: a local folder or a prefix on object storage (``s3://bucket/prefix``),
+both reached through one pyarrow filesystem, so the builder has one code path for either.
+
+The one difference that matters is how a shard file is made atomic: a local file is written under a temporary name
+and renamed into place; an object store's single put is atomic already (the object appears whole or not at all), so
+it is written directly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from mpalign.config import ConfigError
+from mpalign.storage import check_storage, filesystem, is_remote
+
+
+class OutputFolder:
+    """The output folder: ``location`` is a local path or a remote URI; ``str()`` gives it back as users wrote it
+    (local paths resolved). Pickles as its location: a Ray worker opens its own filesystem from its node's settings."""
+
+    def __init__(self, location: str | Path) -> None:
+        location = str(location)
+        self.local = not is_remote(location)
+        if self.local:
+            self.fs, self.root = pafs.LocalFileSystem(), str(Path(location).resolve())
+            self.location = self.root
+        else:
+            self.fs, self.root = filesystem(location)
+            self.location = location.rstrip("/")
+
+    def __str__(self) -> str:
+        return self.location
+
+    def __reduce__(self):
+        return OutputFolder, (self.location,)
+
+    def check_reachable(self) -> None:
+        """One ConfigError within seconds when the store cannot be reached or no credentials are set (a no-op for a
+        local folder): called before Ray starts."""
+        check_storage(self.location, "output")
+
+    def path(self, *parts: str) -> str:
+        return "/".join((self.root, *parts))
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def file_names(self, *parts: str) -> set[str]:
+        """Names of the files directly in a subfolder (none when it does not exist)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(*parts), allow_not_found=True))
+        return {info.base_name for info in infos if info.type == pafs.FileType.File}
+
+    def is_empty(self) -> bool:
+        return not self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+
+    def visible_here(self, *parts: str) -> bool:
+        """False for a local folder this process cannot see (a Ray worker on a node without the shared filesystem
+        the driver created it on); object storage is reached from every node."""
+        return not self.local or os.path.isdir(self.path(*parts))
+
+    def make_folders(self, *subfolders: str) -> None:
+        try:
+            for sub in subfolders:
+                self.fs.create_dir(self.path(sub), recursive=True)
+        except OSError as exc:  # e.g. a bucket that does not exist
+            raise ConfigError(f"cannot write output '{self}': {' '.join(str(exc).split())[:300]}") from None
+
+    def remove(self, *names: str) -> None:
+        """Delete these files / subfolders where they exist."""
+        for name in names:
+            kind = self.fs.get_file_info(self.path(name)).type
+            if kind == pafs.FileType.Directory:
+                self.fs.delete_dir(self.path(name))
+            elif kind == pafs.FileType.File:
+                self.fs.delete_file(self.path(name))
+
+    def read_text(self, name: str) -> str:
+        with self.fs.open_input_stream(self.path(name)) as stream:
+            return stream.read().decode()
+
+    def write_text(self, name: str, text: str) -> None:
+        with self.fs.open_output_stream(self.path(name)) as stream:
+            stream.write(text.encode())
+
+    def write_parquet(self, table: pa.Table, *parts: str) -> None:
+        """Atomically: the file exists whole or not at all."""
+        path = self.path(*parts)
+        if not self.local:
+            pq.write_table(table, path, filesystem=self.fs, compression="zstd")
+            return
+        folder, _, name = path.rpartition("/")
+        tmp = f"{folder}/.{name}.tmp"
+        pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
+        self.fs.move(tmp, path)
+
+    def read_parquet(self, subfolder: str, columns: list[str]) -> pa.Table:
+        return pq.read_table(self.path(subfolder), filesystem=self.fs, columns=columns)
