@@ -147,8 +147,10 @@ def test_each_ended_trial_is_one_console_line(tmp_path, caplog):
                             last_result={"objective": 0.1875, "step": 750})
     with caplog.at_level(logging.INFO, logger="mpalign.sweep"):
         ends.on_trial_complete(0, [], trial)
-        ends.on_trial_error(0, [], SimpleNamespace(trial_id="t2", config={"alpha": 0.5}, last_result=None))
+        ends.on_trial_error(0, [], SimpleNamespace(trial_id="t2", config={"alpha": 0.5}, last_result=None,
+                                                   error_file="/runs/t2/error.txt", local_path="/runs/t2"))
     assert caplog.messages == [
         "trial 1/2 finished at step 750 (alpha=0.01, layer_set=down+mid, seed=0): identity_color 0.1875",
-        "trial 2/2 error at step - (alpha=0.5): identity_color -"]
+        "trial 2/2 error at step - (alpha=0.5): identity_color -",
+        "trial t2 failed; its error: /runs/t2/error.txt"]  # its workers' traceback is not on the console
     assert json.loads((tmp_path / "t1" / TRIAL_END).read_text()) == {"status": "finished"}
