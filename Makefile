@@ -17,12 +17,14 @@ export TOKENIZERS_PARALLELISM ?= false
 
 install: $(VENV)/.installed
 
+# Quiet (-qq: errors only), so that `make demo` on a fresh clone stays a screen of meaningful lines.
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
-	touch $@
+	@echo "installing mpalign[$(EXTRAS)] into $(VENV) (minutes the first time)"
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -qq --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -qq "$(TORCH_SPEC)"
+	@$(PY) -m pip install -qq -e '.[$(EXTRAS)]'
+	@touch $@
 
 # The whole pipeline in the toy world (configs/toy.yaml: small models trained by the project, shipped in
 # mpalign/toy/weights), each step the command a user would run: zoo check, dataset build (procedural images + frame
