@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch
 
-from mpalign.cli import ray_worker_env
+from mpalign.cli import ray_runtime_env
 from mpalign.config import Config, SampleDataConfig, StageConfig, add_config_args, config_from_args
 from mpalign.data.build import build_dataset
 from mpalign.data.records import read_records
@@ -58,7 +58,7 @@ def bench_tiny(cfg: Config, num_images: int, work: Path) -> dict[str, Any]:
     for label, executor, threads, layout in runs:
         if executor == "ray" and not ray.is_initialized():
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": ray_worker_env()})
+                     runtime_env=ray_runtime_env())
         torch.set_num_threads(threads or default_threads)
         run_cfg = copy.deepcopy(cfg)
         run_cfg.data.stage_layout = layout

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mpalign.cli import ray_worker_env
+from mpalign.cli import ray_runtime_env
 from mpalign.config import load_config
 from mpalign.data.schema import SAMPLES_DIR
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if ray.is_initialized():  # the source build ran on its own local Ray; this one gets a fixed CPU count
         ray.shutdown()
     ray.init(address="local", num_cpus=min(os.cpu_count() or 2, 4), object_store_memory=1 << 30,
-             include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": ray_worker_env()})
+             include_dashboard=False, log_to_driver=False, runtime_env=ray_runtime_env())
     results = {}
     for name, path in datasets.items():
         stored = sum(f.stat().st_size for f in (path / SAMPLES_DIR).glob("*.parquet")) / 2**20

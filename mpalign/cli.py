@@ -108,11 +108,12 @@ def quiet_console(verbose: bool) -> None:
 FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 
 
-def ray_worker_env() -> dict[str, str]:
-    """Environment variables every Ray process of ours gets (driver included): see FOOTER_READERS_ENV."""
+def ray_runtime_env() -> dict[str, Any]:
+    """The runtime environment every ``ray.init`` of ours passes, so that every Ray process (and, through the
+    environment it sets here, the driver) gets the same settings: see FOOTER_READERS_ENV."""
     readers = os.environ.get(FOOTER_READERS_ENV) or str(min(32, max(2, (os.cpu_count() or 2) // 2)))
     os.environ[FOOTER_READERS_ENV] = readers  # the driver builds the read plan; a local Ray's workers inherit it
-    return {FOOTER_READERS_ENV: readers}
+    return {"env_vars": {FOOTER_READERS_ENV: readers}}
 
 
 def start_ray(worker_logs: bool = True, **options: Any) -> None:
@@ -125,7 +126,7 @@ def start_ray(worker_logs: bool = True, **options: Any) -> None:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
                  logging_level=logging.INFO if verbose_console() else logging.WARNING,
-                 log_to_driver=worker_logs or verbose_console(), runtime_env={"env_vars": ray_worker_env()},
+                 log_to_driver=worker_logs or verbose_console(), runtime_env=ray_runtime_env(),
                  **options)
 
 

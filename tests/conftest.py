@@ -36,11 +36,11 @@ def shared_data() -> Path:
 def start_local_ray():
     import ray
 
-    from mpalign.cli import ray_worker_env
+    from mpalign.cli import ray_runtime_env
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, object_store_memory=1 << 30, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": ray_worker_env()})
+                 log_to_driver=False, runtime_env=ray_runtime_env())
     return ray
 
 

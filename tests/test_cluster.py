@@ -59,13 +59,13 @@ def nodes():
     import ray
     from ray.cluster_utils import Cluster
 
-    from mpalign.cli import ray_worker_env
+    from mpalign.cli import ray_runtime_env
 
     had_local = ray.is_initialized()
     ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": OBJECT_STORE,
                                                              "include_dashboard": False})
-    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": ray_worker_env()})
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env=ray_runtime_env())
     try:
         yield Nodes(cluster)
     finally:

@@ -94,10 +94,10 @@ def test_ray_workers_start_few_parquet_footer_readers_on_a_small_machine(ray_loc
 
     import ray
 
-    from mpalign.cli import FOOTER_READERS_ENV, ray_worker_env
+    from mpalign.cli import FOOTER_READERS_ENV, ray_runtime_env
 
-    expected = ray_worker_env()[FOOTER_READERS_ENV]
+    expected = ray_runtime_env()["env_vars"][FOOTER_READERS_ENV]
     assert 2 <= int(expected) <= max(2, (os.cpu_count() or 2) // 2)
     assert ray.get(ray.remote(lambda: os.environ.get(FOOTER_READERS_ENV)).remote()) == expected
     monkeypatch.setenv(FOOTER_READERS_ENV, "7")  # the user's own setting wins
-    assert ray_worker_env() == {FOOTER_READERS_ENV: "7"}
+    assert ray_runtime_env() == {"env_vars": {FOOTER_READERS_ENV: "7"}}
