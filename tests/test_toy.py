@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mpalign.config import ModelConfig
@@ -99,10 +100,19 @@ def test_held_out_combinations_leave_every_attribute_in_training():
         assert any(not is_held_out(s, c, t) for c in COLORS for t in TEXTURES)
 
 
+@pytest.mark.parametrize("parts", ["vae", "clip", "vae,clip,dinov2"])
+def test_pretraining_refuses_a_new_vae_or_clip_without_a_new_unet(tmp_path, capsys, parts):
+    from mpalign.toy.pretrain import main
+
+    assert main(["--out", str(tmp_path), "--parts", parts]) == 2
+    assert "needs a new UNet" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before training anything
+
+
 @pytest.mark.slow
 def test_pretraining_command_writes_loadable_weights_and_lowers_every_loss(tmp_path):
     from mpalign.toy.pretrain import PARTS, main
-    from mpalign.zoo import load_sdxl
+    from mpalign.zoo import load_clip_model, load_sdxl
 
     assert main(["--out", str(tmp_path), "--scale", "0.005"]) == 0
     import json
@@ -110,8 +120,16 @@ def test_pretraining_command_writes_loadable_weights_and_lowers_every_loss(tmp_p
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for part in PARTS:
         assert metrics[part]["final_loss"] < metrics[part]["first_loss"], (part, metrics[part])
-    sdxl = load_sdxl(ModelConfig(preset="toy", toy_weights=str(tmp_path), device="cpu"))
+    cfg = ModelConfig(preset="toy", toy_weights=str(tmp_path), device="cpu")
+    sdxl = load_sdxl(cfg)
     assert sdxl.vae.config.scaling_factor == pytest.approx(metrics["vae"]["scaling_factor"])
+    clip = load_clip_model(cfg, "").model  # the UNet reads the trained CLIP's text tower as its second encoder
+    for tower, trained in ((sdxl.text_encoder_2.text_model, clip.text_model),
+                           (sdxl.text_encoder_2.text_projection, clip.text_projection)):
+        for (name, value), expected in zip(tower.state_dict().items(), trained.state_dict().values()):
+            assert torch.equal(value, expected), name
+    assert sdxl.unet.config.cross_attention_dim == (sdxl.text_encoder.config.hidden_size
+                                                    + clip.config.text_config.hidden_size)
     assert "python -m mpalign.toy.pretrain" in (tmp_path / "README.md").read_text()
 
 

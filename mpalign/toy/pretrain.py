@@ -6,8 +6,9 @@ Every role of the real pipeline gets a small model of the same class, trained he
 - ``sdxl/``: a diffusers SDXL folder. The VAE (``AutoencoderKL``, 4x downsampling) learns to reconstruct scenes;
   the UNet (``UNet2DConditionModel`` with SDXL's text_time conditioning and cross-attention down / mid / up blocks)
   learns text-to-image on the VAE's latents, with captions that name each object either fully ("a dotted blue
-  ring") or by its kind only ("a ring"); the two CLIP text encoders and tokenizers stay the tiny preset's random,
-  frozen ones (the UNet learns to read them).
+  ring") or by its kind only ("a ring"). It reads two frozen text encoders, like SDXL: the first is the tiny preset's
+  random ``CLIPTextModel``, the second (``CLIPTextModelWithProjection``) is the text tower of the toy CLIP below, so
+  the CLIP is trained first (a UNet learns to read trained text features far faster than random ones).
 - ``clip/``: a ``CLIPModel`` trained contrastively on subject crops and scenes with their captions, plus an
   attribute head on crops: the evaluation's CLIP-I / CLIP-T space; ``image_encoder/`` is its vision tower with the
   projection (``CLIPVisionModelWithProjection``), the adapter's image encoder.
@@ -40,7 +41,7 @@ from mpalign.toy.world import ATTRIBUTES, crop_set, scene_set
 
 IMAGE_SIZE = 64
 CROP_SIZE = 64
-PARTS = ("vae", "unet", "clip", "dinov2", "classifier")
+PARTS = ("vae", "clip", "unet", "dinov2", "classifier")  # in training order: the UNet reads the CLIP's text tower
 # Optimiser steps of each part at --scale 1 (about 30 min on 2 CPU cores in all).
 STEPS = {"vae": 1500, "unet": 4000, "clip": 1200, "dinov2": 1000, "classifier": 1200}
 
@@ -138,10 +139,14 @@ def train_vae(images: np.ndarray, held_out: np.ndarray, steps: int, seed: int) -
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def toy_unet_config() -> dict:
-    from mpalign.zoo import tiny_unet_config
+def toy_unet_config(text_encoder, text_encoder_2) -> dict:
+    """The tiny preset's UNet layout at 64 px, its cross-attention as wide as the two text encoders' hidden states
+    together and its pooled text input as wide as the second one's projection (as in SDXL)."""
+    from mpalign.zoo import TINY_TIME_EMBED, tiny_unet_config
 
-    return {**tiny_unet_config(), "sample_size": IMAGE_SIZE // 4}
+    return {**tiny_unet_config(), "sample_size": IMAGE_SIZE // 4,
+            "cross_attention_dim": text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+            "projection_class_embeddings_input_dim": text_encoder_2.config.projection_dim + 6 * TINY_TIME_EMBED}
 
 
 @torch.no_grad()
@@ -163,8 +168,7 @@ def train_unet(sdxl, images: np.ndarray, captions: list[str], steps: int, seed: 
         latents = torch.cat([sdxl.vae.encode(pixels[i:i + 128]).latent_dist.mean for i in range(0, len(pixels), 128)])
         latents = latents * sdxl.vae.config.scaling_factor
     prompt_embeds, pooled = _encode_captions(sdxl, captions)
-    empty_embeds, empty_pooled = _encode_captions(sdxl, [""])
-    unet = UNet2DConditionModel(**toy_unet_config())
+    unet = UNet2DConditionModel(**toy_unet_config(sdxl.text_encoder, sdxl.text_encoder_2))
     scheduler = DDPMScheduler.from_config(sdxl.scheduler.config)
     time_ids = torch.tensor(add_time_ids((IMAGE_SIZE, IMAGE_SIZE), (0, 0), (IMAGE_SIZE, IMAGE_SIZE)))
     opt, sched = _optimizer(unet.parameters(), 5e-4, steps)
@@ -173,8 +177,10 @@ def train_unet(sdxl, images: np.ndarray, captions: list[str], steps: int, seed: 
     def step(_):
         idx = _batches(len(latents), batch, gen)
         x0, cond, pool = latents[idx], prompt_embeds[idx].clone(), pooled[idx].clone()
-        drop = torch.rand(batch, generator=gen) < 0.1  # unconditional samples, for classifier-free guidance
-        cond[drop], pool[drop] = empty_embeds, empty_pooled
+        # Unconditional samples for classifier-free guidance, zeroed as SDXL's were: its pipeline's guidance branch
+        # for an empty negative prompt is zeros (force_zeros_for_empty_prompt), which the UNet must have seen.
+        drop = torch.rand(batch, generator=gen) < 0.1
+        cond[drop], pool[drop] = 0.0, 0.0
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         pred = unet(scheduler.add_noise(x0, noise, t), t, cond,
@@ -283,10 +289,23 @@ def vision_tower(clip):
     loading it does not report the text tower's weights as unexpected)."""
     from transformers import CLIPVisionModelWithProjection
 
-    tower = CLIPVisionModelWithProjection(clip.config.vision_config)
-    tower.vision_model.load_state_dict(clip.vision_model.state_dict())
-    tower.visual_projection.load_state_dict(clip.visual_projection.state_dict())
-    return tower.eval()
+    return _tower(clip, CLIPVisionModelWithProjection(clip.config.vision_config), ("vision_model", "visual_projection"))
+
+
+def text_tower(clip):
+    """The CLIP model's text tower with its projection: the toy SDXL's ``text_encoder_2``."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    # the text config's own projection_dim is a default; the projection's real width is the CLIP model's
+    config = CLIPTextConfig(**{**clip.config.text_config.to_dict(), "projection_dim": clip.config.projection_dim})
+    return _tower(clip, CLIPTextModelWithProjection(config), ("text_model", "text_projection"))
+
+
+def _tower(clip, tower, submodules: tuple[str, str]):
+    tower.float()  # a config read from saved weights names their float16: built in it, the copy would be rounded
+    for name in submodules:
+        getattr(tower, name).load_state_dict(getattr(clip, name).state_dict())
+    return tower.eval().requires_grad_(False)
 
 
 def build_dinov2():
@@ -380,6 +399,10 @@ def _save_sdxl(out: Path, sdxl) -> None:
     for module in (sdxl.unet, sdxl.vae, sdxl.text_encoder, sdxl.text_encoder_2):
         module.to(torch.float16)  # half the bytes in the repo; loaders cast to the configured dtype
     StableDiffusionXLPipeline(**sdxl.as_pipeline_kwargs()).save_pretrained(out / "sdxl", safe_serialization=True)
+    for config in (out / "sdxl").glob("*/config.json"):  # a part loaded from disk names this machine's folder
+        values = json.loads(config.read_text())
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     for module in (sdxl.unet, sdxl.vae, sdxl.text_encoder, sdxl.text_encoder_2):
         module.to(torch.float32)
 
@@ -396,6 +419,13 @@ def _load_sdxl(out: Path):
     from mpalign.zoo import load_sdxl
 
     return load_sdxl(ModelConfig(preset="toy", toy_weights=str(out), device="cpu"))
+
+
+def _load_clip(out: Path):
+    from mpalign.config import ModelConfig
+    from mpalign.zoo import load_clip_model
+
+    return load_clip_model(ModelConfig(preset="toy", toy_weights=str(out), device="cpu"), "").model
 
 
 def pretrain(out: Path, parts: tuple[str, ...], scale: float, seed: int) -> dict:
@@ -417,14 +447,6 @@ def pretrain(out: Path, parts: tuple[str, ...], scale: float, seed: int) -> dict
         sdxl.vae, metrics["vae"] = train_vae(scenes, held_scenes, steps["vae"], seed)
         metrics["vae"]["cpu_minutes"] = round((time.perf_counter() - t) / 60, 1)
         log(f"vae: held-out PSNR {metrics['vae']['psnr_db_held_out']} dB")
-    if "unet" in parts:
-        t = time.perf_counter()
-        sdxl.unet, metrics["unet"] = train_unet(sdxl, scenes, captions, steps["unet"], seed)
-        metrics["unet"]["cpu_minutes"] = round((time.perf_counter() - t) / 60, 1)
-    if "vae" in parts or "unet" in parts:
-        if "vae" in parts and "unet" not in parts:
-            raise SystemExit("error: a new VAE needs a new UNet (its latents changed): add 'unet' to --parts")
-        _save_sdxl(out, sdxl)
     crops, labels, phrases = crop_set(count(8000), seed + 2, IMAGE_SIZE, CROP_SIZE, exclude_held_out=True)
     gallery, gallery_labels, _ = crop_set(count(1500), seed + 3, IMAGE_SIZE, CROP_SIZE, exclude_held_out=False)
     queries, query_labels, _ = crop_set(count(1000), seed + 4, IMAGE_SIZE, CROP_SIZE, exclude_held_out=False)
@@ -440,6 +462,13 @@ def pretrain(out: Path, parts: tuple[str, ...], scale: float, seed: int) -> dict
         _save(clip, processor, out / "clip")
         _save(vision_tower(clip), processor.image_processor, out / "image_encoder")
         log(f"clip: nearest-neighbour attribute accuracy {metrics['clip']['nn_attribute_accuracy']}")
+    if "unet" in parts:
+        # the text tower as saved (float16, like every shipped weight), so a later --parts unet reads the same one
+        sdxl.text_encoder_2 = text_tower(_load_clip(out))
+        t = time.perf_counter()
+        sdxl.unet, metrics["unet"] = train_unet(sdxl, scenes, captions, steps["unet"], seed)
+        metrics["unet"]["cpu_minutes"] = round((time.perf_counter() - t) / 60, 1)
+        _save_sdxl(out, sdxl)
     if "dinov2" in parts:
         t = time.perf_counter()
         dino, processor, metrics["dinov2"] = train_dinov2(crops, labels, steps["dinov2"], seed)
@@ -468,7 +497,10 @@ def pretrain(out: Path, parts: tuple[str, ...], scale: float, seed: int) -> dict
         classifier = attribute_classifier.load_classifier(out / "classifier")
         metrics["unet_text_to_image"] = text_to_image_accuracy(_load_sdxl(out), classifier, count(128), seed + 7)
         log(f"unet: single-object text-to-image attribute accuracy {metrics['unet_text_to_image']}")
-    metrics["command"] = " ".join(["python -m mpalign.toy.pretrain", *sys.argv[1:]])
+    # the command that rebuilds every part; a run of some parts (--parts) keeps the others' earlier weights
+    options = [*([f"--seed {seed}"] if seed else []), *([f"--scale {scale}"] if scale != 1.0 else [])]
+    metrics["command"] = " ".join(["python -m mpalign.toy.pretrain", *options])
+    metrics["last_run_parts"] = list(parts)
     metrics["seed"], metrics["scale"] = seed, scale
     metrics["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -489,9 +521,12 @@ def write_model_card(out: Path, metrics: dict) -> None:
         f"{metrics['command']}",
         "```",
         "",
-        f"Seed {metrics['seed']}, step scale {metrics['scale']}, trained on {metrics['machine']}. The image encoders and",
+        f"Seed {metrics['seed']}, step scale {metrics['scale']}, trained on {metrics['machine']}; the last run trained",
+        f"{', '.join(metrics['last_run_parts'])} (each part's figures below are from the run that trained it; the UNet reads the",
+        "CLIP's text tower, so a new CLIP or VAE means a new UNet). The image encoders and",
         "the UNet never saw the attribute combinations the toy benchmark holds out; the classifier (the judge) saw all.",
-        "Folders: `sdxl/` (diffusers layout), `clip/` (`CLIPModel`), `image_encoder/` (its vision tower with projection),",
+        "Folders: `sdxl/` (diffusers layout; `text_encoder_2` is the CLIP's text tower with projection, `text_encoder`",
+        "the tiny preset's random one), `clip/` (`CLIPModel`), `image_encoder/` (its vision tower with projection),",
         "`dinov2/`, `classifier/` (`ResNetForImageClassification`, four heads: shape, colour, texture, object present).",
         "",
         "| model | what it reached (held-out data) | minutes (wall, 2 shared cores) |",
@@ -525,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not parts:
         print(f"error: unknown part(s) {unknown or '(none)'}; choose from {', '.join(PARTS)}", file=sys.stderr)
         return 2
+    for changed, reason in (("vae", "its latents change"), ("clip", "it reads the CLIP's text tower")):
+        if changed in parts and "unet" not in parts:
+            print(f"error: a new {changed.upper()} needs a new UNet ({reason}): add 'unet' to --parts", file=sys.stderr)
+            return 2
     if args.scale <= 0:
         print("error: --scale must be positive", file=sys.stderr)
         return 2
