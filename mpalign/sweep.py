@@ -24,7 +24,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from mpalign.cli import UserInputError, start_ray, verbose_console
+from mpalign.cli import UserInputError, check_writable, start_ray, verbose_console
 from mpalign.config import MOSAIC_BLOCKS, Config, ConfigError, config_from_dict
 from mpalign.eval.benchmarks import BUILTIN_BENCHMARKS
 from mpalign.eval.fidelity import (
@@ -357,6 +357,8 @@ def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
 
     from mpalign.train import check_config
 
+    # Tune's state, results.csv and the trials' folders are written through local paths
+    check_writable(cfg.tune.output_dir, "tune.output_dir", folder=True)
     check_tune_config(cfg)
     # checked as the widest trial runs it (its GPU share, the layer set that taps the most blocks: most projectors)
     widest = {"alpha": cfg.tune.alpha_max, "layer_set": max(cfg.tune.layer_sets, key=lambda n: len(parse_layer_set(n))),

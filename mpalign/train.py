@@ -629,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    check_writable(cfg.train.output_dir, "train.output_dir", folder=True)
+    check_writable(cfg.train.output_dir, "train.output_dir", folder=True, remote_ok=True)
     outcome = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in outcome.metrics.items()}
     print(f"trained to step {summary.get('step')}: adapter in {outcome.adapter_dir}")
