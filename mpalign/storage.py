@@ -90,3 +90,17 @@ def check_storage(uri: str, what: str, must_exist: bool = False) -> bool:
 def remove_tree(uri: str) -> None:
     fs, path = filesystem(uri)
     fs.delete_dir(path)
+
+
+def local_copy(location: str, scratch: str, what: str) -> str:
+    """A local path to the folder ``location``, for readers that take one (``from_pretrained``): ``location`` itself
+    when it is local, else ``scratch`` with a copy of it. One ConfigError when the store cannot be reached or the
+    folder does not exist."""
+    import pyarrow.fs as pafs
+
+    if not is_remote(location):
+        return location
+    check_storage(location, what, must_exist=True)
+    fs, path = filesystem(location)
+    pafs.copy_files(path, scratch, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return scratch

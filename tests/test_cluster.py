@@ -235,7 +235,7 @@ def test_b_ddp_over_two_nodes_restarts_from_the_last_checkpoint_when_a_node_is_l
     assert resumed >= lost["steps_done"] - CHECKPOINT_EVERY, (resumed, lost)  # at most one interval redone
     losses = tensorboard_scalars(out / "tensorboard", "train/loss")  # rank 0's step log, both attempts
     assert sorted(losses) == list(range(1, MAX_STEPS + 1))  # every step, none missing
-    assert (outcome.adapter_dir / "config.json").is_file()
+    assert (Path(outcome.adapter_dir) / "config.json").is_file()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def test_best_config_trains_with_mpalign_train_as_is(sweep):
     assert "+".join(best_cfg.model.align_blocks) == best["layer_set"]
     result = run_training(best_cfg)
     assert result.metrics["step"] == MAX_STEPS
-    assert (result.adapter_dir / "config.json").is_file()
+    assert (Path(result.adapter_dir) / "config.json").is_file()
 
 
 def test_a_restored_sweep_does_not_rerun_finished_trials(sweep):
