@@ -265,8 +265,8 @@ class TrainConfig:
 
 @dataclass
 class TuneConfig:
-    # Tune's state, results.csv, the plot, best_config.yaml and trials/ (each trial's train.output_dir): a local or
-    # shared folder, not object storage
+    # Tune's state (sweep/), results.csv, the plot, best_config.yaml and trials/ (each trial's train.output_dir): a
+    # folder (on several nodes, a shared one) or object storage (s3://..., gs://...)
     output_dir: str = "outputs/tiny/tune"
     num_samples: int = 1  # repeats of the grid (or draws from a random space; with search=optuna: the trial count)
     # grid: Tune's grid (alpha_search below picks grid or random alpha); optuna: Optuna's TPE over log-alpha and the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 from mpalign.config import ConfigError
 
@@ -24,6 +25,13 @@ CHECK_DEADLINE_S = 45.0
 
 def is_remote(path: str) -> bool:
     return "://" in path
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (Ray workers run in another working directory); a URI, or "", as it is."""
+    if not path or is_remote(path):
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 def filesystem(uri: str):

@@ -36,7 +36,7 @@ from mpalign.cli import UserInputError, check_writable, run_cli, start_ray, verb
 from mpalign.config import Config, ConfigError, add_config_args, config_from_args, config_from_dict, shipped_config
 from mpalign.data.output import OutputFolder, StagedFolder
 from mpalign.models.alignment import check_alignment_config
-from mpalign.storage import check_storage, is_remote, remove_tree
+from mpalign.storage import absolute, check_storage, is_remote, remove_tree
 from mpalign.training.checkpoint import (
     ADAPTER_DIR,
     EMA_ADAPTER_DIR,
@@ -94,17 +94,11 @@ def dataset_samples_uri(cfg: Config) -> str:
     return f"{cfg.data.path.rstrip('/')}/{SAMPLES_DIR}"
 
 
-def _absolute(path: str) -> str:
-    if not path or "://" in path:
-        return path
-    return str(Path(path).expanduser().resolve())
-
-
 def _resolve_paths(cfg: Config) -> Config:
     """Absolute paths before the config travels to workers (whose working directory Ray changes)."""
-    cfg.train.output_dir = _absolute(cfg.train.output_dir)
-    cfg.train.storage_path = _absolute(cfg.train.storage_path)
-    cfg.data.path = _absolute(cfg.data.path)
+    cfg.train.output_dir = absolute(cfg.train.output_dir)
+    cfg.train.storage_path = absolute(cfg.train.storage_path)
+    cfg.data.path = absolute(cfg.data.path)
     if cfg.train.strategy == "deepspeed":
         ds_config = Path(cfg.train.deepspeed_config)
         ds_config = shipped_config(ds_config)

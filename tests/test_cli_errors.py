@@ -141,8 +141,6 @@ CASES = {  # id: (entry point, argv, a fragment the error line must hold)
                                            "--set", "model.num_tokens=8"], "model.num_tokens: 4 -> 8"),
     "sweep-unknown-metric": ("sweep", ["--set", "tune.metric=accuracy"], "tune.metric"),
     "sweep-output-is-a-file": ("sweep", ["--set", "tune.output_dir=a-file"], "a file"),
-    "sweep-output-on-s3": ("sweep", ["--set", "tune.output_dir=s3://bucket/sweep"],
-                           "tune.output_dir 's3://bucket/sweep' must be a local or shared folder"),
     "generate-out-without-extension": ("generate", [*SUBJECT, "--out", "picture"], "image file extension"),
     "generate-out-text-extension": ("generate", [*SUBJECT, "--out", "picture.txt"], "image file extension"),
     "generate-out-under-a-file": ("generate", [*SUBJECT, "--out", "a-file/x.png"], "cannot be created"),

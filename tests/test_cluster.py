@@ -259,7 +259,7 @@ def test_c_sweep_trials_on_different_nodes_fill_results_csv(fresh_nodes, dataset
 
     trial_nodes = {nodes[0] for _, nodes in watcher.placements}
     assert len(watcher.placements) == len(alphas) and len(trial_nodes) == len(alphas), watcher.placements
-    with outcome.results_csv.open() as handle:
+    with Path(outcome.results_csv).open() as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(float(r["alpha"]) for r in rows) == alphas
     assert all(r["status"] == "finished" and int(r["step"]) == 2 and float(r["objective"]) > 0 for r in rows), rows

@@ -12,6 +12,7 @@ import os
 import time
 
 import pytest
+import yaml
 
 from mpalign.config import ConfigError
 from mpalign.storage import check_storage, filesystem
@@ -98,17 +99,23 @@ def test_training_cli_on_an_unreachable_store_prints_one_error_line(s3, tmp_path
     assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_training_cli_with_its_output_on_an_unreachable_store_prints_one_error_line(tmp_path, monkeypatch, capsys):
-    from mpalign.cli import run_cli
-    from mpalign.train import main
+@pytest.mark.parametrize("command, setting", [("train", "train.output_dir"), ("sweep", "tune.output_dir")])
+def test_outputs_on_an_unreachable_store_print_one_error_line(command, setting, tmp_path, monkeypatch, capsys):
+    import runpy
+    from pathlib import Path
 
+    from mpalign.cli import run_cli
+    from mpalign.train import main as train_main
+
+    main = train_main if command == "train" else runpy.run_path(
+        str(Path(__file__).parent.parent / "tune" / "sweep_alpha.py"))["main"]
     for key, value in {"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_ACCESS_KEY_ID": "test",
                        "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
-    code = run_cli(main, ["--set", "train.output_dir=s3://somewhere/run"])
+    code = run_cli(main, ["--set", f"{setting}=s3://somewhere/out"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("error: cannot reach train.output_dir 's3://somewhere/run'"), err
+    assert code == 2 and err.startswith(f"error: cannot reach {setting} 's3://somewhere/out'"), err
     assert len(err.splitlines()) == 1 and not (tmp_path / "s3:").exists()
 
 
@@ -239,6 +246,41 @@ def test_dataset_and_checkpoints_on_s3_train_resume_and_generate(s3, tmp_path):
     [fetched] = local_adapters([outcome.adapter_dir], str(tmp_path / "eval"))
     assert (tmp_path / "eval" / "adapters" / BUCKET / "train" / "adapter" / "config.json").is_file()
     assert fetched == str(tmp_path / "eval" / "adapters" / BUCKET / "train" / "adapter")
+
+
+@pytest.mark.slow
+def test_a_sweep_with_its_output_on_s3_tabulates_and_restores_from_there(s3, tmp_path_factory, tmp_path, monkeypatch):
+    """tune.output_dir on s3://: Tune's experiment state, the trial's training output (its adapter, trial_end.json),
+    results.csv, the plot and best_config.yaml land there and nothing local; --resume restores the finished sweep
+    from there without training again."""
+    import csv
+    import io
+
+    from train_support import tiny_dataset, train_config
+
+    from mpalign.config import config_from_dict
+    from mpalign.data.output import OutputFolder
+    from mpalign.sweep import BEST_YAML, PLOT_PNG, RESULTS_CSV, TRIAL_END, run_sweep
+
+    dataset = tiny_dataset(tmp_path_factory)
+    monkeypatch.chdir(tmp_path)
+    cfg = train_config(dataset, tmp_path / "unused", "train.max_steps=2", "train.val_every=2", "train.val_batches=1",
+                       f"tune.output_dir={s3}/sweep", "tune.alphas=[0.01]", "tune.layer_sets=[down+mid]",
+                       "tune.scheduler=fifo", "tune.metric=diffusion", "tune.eval_samples=0")
+    with ray_with_the_s3_settings():
+        outcome = run_sweep(cfg)
+        restored = run_sweep(cfg, resume=True)
+    out = OutputFolder(f"{s3}/sweep")
+    assert outcome.results_csv == out.uri(RESULTS_CSV) and out.exists(PLOT_PNG) and out.exists("sweep")
+    [row] = list(csv.DictReader(io.StringIO(out.read_text(RESULTS_CSV))))
+    assert row["status"] == "finished" and int(row["step"]) == 2 and row["output_dir"].startswith(f"{s3}/sweep/trials/")
+    trial = OutputFolder(row["output_dir"])
+    assert trial.exists("adapter", "config.json") and trial.exists(TRIAL_END)
+    best = config_from_dict(yaml.safe_load(out.read_text(BEST_YAML)))
+    assert best.train.output_dir == f"{s3}/sweep/best/train" and best.train.alpha == 0.01
+    same = ("trial_id", "objective", "step")  # the same trial: restored from S3, not a new sweep trained again
+    assert [[r[k] for k in same] for r in restored.rows] == [[r[k] for k in same] for r in outcome.rows]
+    assert not any(p.name == "s3:" for p in tmp_path.rglob("*"))
 
 
 @pytest.mark.slow
