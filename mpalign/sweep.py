@@ -377,7 +377,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
             raise UserInputError(f"'{experiment}' already holds a sweep: pass --resume to finish it, --overwrite to "
                                  f"start over, or set tune.output_dir to another folder")
         out.remove(EXPERIMENT, TRIALS)
-    out.make_folders("")
+    out.make_folders()
     out.write_text("config.yaml", cfg.to_yaml())
     start_ray(worker_logs=False)  # the driver prints a line per trial (TrialEnds)
     trainable = _trainable(cfg)

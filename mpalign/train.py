@@ -275,7 +275,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     cfg = _resolve_paths(cfg)
     output = OutputFolder(cfg.train.output_dir)
     _prepare_run_dir(cfg, output, resume, overwrite)
-    output.make_folders("")
+    output.make_folders()
     output.write_text(RUN_CONFIG, cfg.to_yaml())
     start_ray()
     datasets = load_datasets(cfg)

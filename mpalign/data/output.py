@@ -1,5 +1,6 @@
-"""Where the dataset builder's output lives: a local folder or a prefix on object storage (``s3://bucket/prefix``),
-both reached through one pyarrow filesystem, so the builder has one code path for either.
+"""Where outputs live (the dataset builder's, a training run's, a sweep's): a local folder or a prefix on object
+storage (``s3://bucket/prefix``), both reached through one pyarrow filesystem, so each writer has one code path for
+either; :class:`StagedFolder` serves the writers that only take a local path (TensorBoard, image files).
 
 The one difference that matters is how a shard file is made atomic: a local file is written under a temporary name
 and renamed into place; an object store's single put is atomic already (the object appears whole or not at all), so
@@ -70,9 +71,10 @@ class OutputFolder:
         return not self.local or os.path.isdir(self.path(*parts))
 
     def make_folders(self, *subfolders: str) -> None:
+        """Create these subfolders; with none named, the folder itself."""
         try:
-            for sub in subfolders:
-                self.fs.create_dir(self.path(sub), recursive=True)
+            for path in [self.path(sub) for sub in subfolders] or [self.root]:
+                self.fs.create_dir(path, recursive=True)
         except OSError as exc:  # e.g. a bucket that does not exist
             raise ConfigError(f"cannot write output '{self}': {' '.join(str(exc).split())[:300]}") from None
 
