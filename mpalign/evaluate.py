@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mpalign.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark", help="msbench, dreambench, or a JSON/JSONL file of samples (default: eval.benchmark)")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
-                        help="adapter folder (save_pretrained layout; local or s3://...), repeatable: one report column each; "
-                             "none = a freshly initialised adapter")
+                        help="adapter folder (save_pretrained layout; local or s3://...), repeatable: one report "
+                             "column each; none = a freshly initialised adapter")
     parser.add_argument("--out", help="output folder (default: eval.output_dir)")
     parser.add_argument("--limit", type=int, help="at most N prompts, spread over combination types; 0 = all "
                                                   "(default: eval.limit)")

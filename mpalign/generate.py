@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--phrase", action="append", default=[], help="what the subject is (e.g. dog), one per subject")
     parser.add_argument("--subject-scale", action="append", type=float, default=None,
                         help="per-subject image weight, one per subject when given")
-    parser.add_argument("--adapter", default=None, help="adapter folder (save_adapter output or a converted checkpoint), local or "
-                        "on object storage (s3://...)")
+    parser.add_argument("--adapter", default=None, help="adapter folder (save_adapter output or a converted "
+                        "checkpoint), local or on object storage (s3://...)")
     parser.add_argument("--scale", type=float, default=None, help="image-branch weight (default: model.scale)")
     parser.add_argument("--drop-grounding", action="store_true", help="use learnable queries instead of phrase+box")
     parser.add_argument("--auto-layout-threshold", type=float, default=None, metavar="T",

@@ -197,9 +197,9 @@ def test_the_builder_on_an_unreachable_store_prints_one_error_line(s3, tmp_path,
 
 @pytest.mark.slow
 def test_dataset_and_checkpoints_on_s3_train_resume_and_generate(s3, tmp_path):
-    """Build straight onto s3:// (the chain layout's Ray actors write the shards) → train from it with train.output_dir
-    on s3:// (config, checkpoints, TensorBoard, validation grids, adapter) → resume from it → generate with the
-    adapter on s3://, and fetch it for an evaluation."""
+    """Build straight onto s3:// (the chain layout's Ray actors write the shards) → train from it with
+    train.output_dir on s3:// (config, checkpoints, TensorBoard, validation grids, adapter) → resume from it →
+    generate with the adapter on s3://, and fetch it for an evaluation."""
     import pyarrow.fs as pafs
     from PIL import Image
     from train_support import DATASET_OVERRIDES, train_config
