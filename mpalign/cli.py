@@ -147,12 +147,17 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         return 2
 
 
-def check_writable(path: str | Path, what: str, folder: bool) -> Path:
+def check_writable(path: str | Path, what: str, folder: bool, remote_ok: bool = False) -> Path | str:
     """``path`` when it can be written (created if missing) as a ``folder`` or a file; a UserInputError otherwise.
-    Entry points call this before loading models or starting Ray, so a bad output path costs seconds, not the run."""
-    path = Path(path).expanduser()
+    Entry points call this before loading models or starting Ray, so a bad output path costs seconds, not the run.
+    A URI (``s3://...``) comes back as it is where the caller writes through a pyarrow filesystem (``remote_ok``)
+    and is refused elsewhere: ``Path`` would turn it into a local folder named ``s3:``."""
     if "://" in str(path):
-        return path
+        if remote_ok:
+            return str(path)
+        raise UserInputError(f"{what} '{path}' must be a local or shared {'folder' if folder else 'file'} path: "
+                             f"object storage (s3://, gs://) is not supported there")
+    path = Path(path).expanduser()
     if path.exists() and path.is_dir() != folder:
         raise UserInputError(f"{what} '{path}' is {'a file' if folder else 'a folder'}; give a "
                              f"{'folder' if folder else 'file'} path")

@@ -200,6 +200,9 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    # config.yaml, the final adapter (adapter/), tensorboard/, validation/ and, by default, Ray Train's checkpoints
+    # (run/): a folder (on several nodes, a shared one) or object storage (s3://..., gs://...; rank 0 writes its logs
+    # and images locally and uploads them after each validation)
     output_dir: str = "outputs/tiny/train"
     max_steps: int = 40
     batch_size: int = 4  # per worker
@@ -262,6 +265,8 @@ class TrainConfig:
 
 @dataclass
 class TuneConfig:
+    # Tune's state (sweep/), results.csv, the plot, best_config.yaml and trials/ (each trial's train.output_dir): a
+    # folder (on several nodes, a shared one) or object storage (s3://..., gs://...)
     output_dir: str = "outputs/tiny/tune"
     num_samples: int = 1  # repeats of the grid (or draws from a random space; with search=optuna: the trial count)
     # grid: Tune's grid (alpha_search below picks grid or random alpha); optuna: Optuna's TPE over log-alpha and the

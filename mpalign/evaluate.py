@@ -21,6 +21,7 @@ from mpalign import methods
 from mpalign.cli import USER_ERRORS, UserInputError, check_writable, run_cli, start_ray
 from mpalign.config import Config, add_config_args, config_from_args
 from mpalign.eval.benchmarks import BenchmarkSample, expand_runs, load_benchmark
+from mpalign.storage import local_copy
 
 log = logging.getLogger("mpalign.evaluate")
 
@@ -31,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mpalign.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark", help="msbench, dreambench, or a JSON/JSONL file of samples (default: eval.benchmark)")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
-                        help="adapter folder (save_pretrained layout), repeatable: one report column each; "
-                             "none = a freshly initialised adapter")
+                        help="adapter folder (save_pretrained layout; local or s3://...), repeatable: one report "
+                             "column each; none = a freshly initialised adapter")
     parser.add_argument("--out", help="output folder (default: eval.output_dir)")
     parser.add_argument("--limit", type=int, help="at most N prompts, spread over combination types; 0 = all "
                                                   "(default: eval.limit)")
@@ -58,6 +59,13 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if cfg.eval.images_per_prompt < 1:
         raise UserInputError(f"--images-per-prompt must be >= 1, got {cfg.eval.images_per_prompt}")
     return cfg
+
+
+def local_adapters(folders: Sequence[str], output_dir: str) -> list[str]:
+    """The ``--adapter`` folders as local paths: one on object storage is copied to
+    ``<output_dir>/adapters/<bucket>/<prefix>``; evaluation actors read it there, as they write their images there (a
+    temporary folder of the driver would not be on the other nodes)."""
+    return [local_copy(f, str(Path(output_dir) / "adapters" / f.partition("://")[2]), "--adapter") for f in folders]
 
 
 def adapter_columns(folders: Sequence[str]) -> dict[str, str | None]:
@@ -113,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
     check_writable(cfg.eval.output_dir, "--out", folder=True)
-    adapters = adapter_columns(args.adapter)
+    adapters = adapter_columns(local_adapters(args.adapter, cfg.eval.output_dir))
     for folder in filter(None, adapters.values()):  # a damaged folder fails here in seconds, not inside an actor
         methods.check_adapter(folder)
     samples = load_benchmark(cfg.eval)

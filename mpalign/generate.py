@@ -3,7 +3,7 @@
     python -m mpalign.generate --prompt "a dog and a cat on a sofa" \\
         --subject dog.jpg --box 0.05,0.3,0.5,0.95 --phrase dog \\
         --subject cat.jpg --box 0.5,0.3,0.95,0.95 --phrase cat \\
-        [--adapter DIR] [--config configs/sdxl.yaml] [--set key=value ...] --out out.png
+        [--adapter DIR_OR_URI] [--config configs/sdxl.yaml] [--set key=value ...] --out out.png
 
 Without any --box every subject's box is the whole image (no layout). --auto-layout-threshold T [--auto-layout-start
 N] switches each subject's region to where its phrase's text attention exceeds T after N steps (phrases must be words
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mpalign.cli import USER_ERRORS, UserInputError, check_writable, one_line, quiet_console
 from mpalign.config import add_config_args, config_from_args
+from mpalign.storage import is_remote, local_copy
 
 
 class UsageError(UserInputError):
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--phrase", action="append", default=[], help="what the subject is (e.g. dog), one per subject")
     parser.add_argument("--subject-scale", action="append", type=float, default=None,
                         help="per-subject image weight, one per subject when given")
-    parser.add_argument("--adapter", default=None, help="adapter folder (save_adapter output or a converted checkpoint)")
+    parser.add_argument("--adapter", default=None, help="adapter folder (save_adapter output or a converted "
+                        "checkpoint), local or on object storage (s3://...)")
     parser.add_argument("--scale", type=float, default=None, help="image-branch weight (default: model.scale)")
     parser.add_argument("--drop-grounding", action="store_true", help="use learnable queries instead of phrase+box")
     parser.add_argument("--auto-layout-threshold", type=float, default=None, metavar="T",
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         # Argument mistakes surface before minutes of model loading.
         check_subjects(args.subject, boxes, args.phrase, cfg.model.max_subjects, args.subject_scale)
         images = [read_image(p) for p in args.subject]
-        if args.adapter and not Path(args.adapter).is_dir():
+        if args.adapter and not is_remote(args.adapter) and not Path(args.adapter).is_dir():
             raise UsageError(f"--adapter '{args.adapter}' is not a folder")
         if args.num_images < 1 or args.steps < 1:
             raise UsageError("--num-images and --steps must be at least 1")
@@ -135,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                                   "controlnet_conditioning_scale": args.controlnet_scale}
 
         started = time.perf_counter()
-        pipe = methods.pipeline(cfg, adapter_dir=args.adapter, device=args.device, controlnet=args.controlnet)
+        with tempfile.TemporaryDirectory(prefix="mpalign-adapter-") as scratch:  # the pipeline reads it when built
+            adapter = args.adapter and local_copy(args.adapter, scratch, "--adapter")
+            pipe = methods.pipeline(cfg, adapter_dir=adapter, device=args.device, controlnet=args.controlnet)
         pipe.pipe.set_progress_bar_config(disable=False)
         generated = pipe.generate(
             args.prompt, images, boxes, args.phrase, negative_prompt=args.negative_prompt, scale=args.scale,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 from mpalign.config import ConfigError
 
@@ -24,6 +25,13 @@ CHECK_DEADLINE_S = 45.0
 
 def is_remote(path: str) -> bool:
     return "://" in path
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (Ray workers run in another working directory); a URI, or "", as it is."""
+    if not path or is_remote(path):
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 def filesystem(uri: str):
@@ -90,3 +98,17 @@ def check_storage(uri: str, what: str, must_exist: bool = False) -> bool:
 def remove_tree(uri: str) -> None:
     fs, path = filesystem(uri)
     fs.delete_dir(path)
+
+
+def local_copy(location: str, scratch: str, what: str) -> str:
+    """A local path to the folder ``location``, for readers that take one (``from_pretrained``): ``location`` itself
+    when it is local, else ``scratch`` with a copy of it. One ConfigError when the store cannot be reached or the
+    folder does not exist."""
+    import pyarrow.fs as pafs
+
+    if not is_remote(location):
+        return location
+    check_storage(location, what, must_exist=True)
+    fs, path = filesystem(location)
+    pafs.copy_files(path, scratch, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return scratch

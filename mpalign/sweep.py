@@ -16,7 +16,6 @@ import csv
 import json
 import logging
 import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,9 @@ from typing import Any
 
 from ray.tune import Callback
 
-from mpalign.cli import UserInputError, start_ray, verbose_console
+from mpalign.cli import UserInputError, check_writable, start_ray, verbose_console
 from mpalign.config import MOSAIC_BLOCKS, Config, ConfigError, config_from_dict
+from mpalign.data.output import OutputFolder, StagedFolder
 from mpalign.eval.benchmarks import BUILTIN_BENCHMARKS
 from mpalign.eval.fidelity import (
     REPORTED,
@@ -36,6 +36,7 @@ from mpalign.eval.fidelity import (
     metric_mode,
     subject_metric_names,
 )
+from mpalign.storage import absolute
 
 logger = logging.getLogger("mpalign.sweep")
 
@@ -230,8 +231,8 @@ def sweep_trial(params: dict[str, Any], base_config: dict[str, Any]) -> None:
     from mpalign.train import run_training
 
     base = config_from_dict(base_config)
-    trial_dir = Path(base.tune.output_dir) / TRIALS / tune.get_context().get_trial_id()
-    cfg = trial_training_config(base, trial_params(params, base), str(trial_dir))
+    trial_dir = OutputFolder(base.tune.output_dir).uri(TRIALS, tune.get_context().get_trial_id())
+    cfg = trial_training_config(base, trial_params(params, base), trial_dir)
     run_training(cfg, resume=True, callbacks=[TuneReportCallback()], fidelity=uses_fidelity(cfg))
 
 
@@ -281,17 +282,16 @@ class TrialEnds(Callback):
     hold its workers' CPUs/GPUs until the sweep ends, starving the trials after it. The workers report their
     placement group (``placement_group_id``) so the driver can release it."""
 
-    def __init__(self, trials_dir: str, metric: str = "", total: int = 0):
-        self.trials_dir = trials_dir
+    def __init__(self, trials: OutputFolder, metric: str = "", total: int = 0):
+        self.trials = trials
         self.metric, self.total, self.ended = metric, total, 0
 
     def _ended(self, trial: Any, status: str) -> None:
         import ray
         from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-        folder = Path(self.trials_dir) / trial.trial_id
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / TRIAL_END).write_text(json.dumps({"status": status}))
+        self.trials.make_folders(trial.trial_id)
+        self.trials.write_text(f"{trial.trial_id}/{TRIAL_END}", json.dumps({"status": status}))
         result = trial.last_result or {}
         self.ended += 1
         point = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
@@ -315,13 +315,13 @@ class TrialEnds(Callback):
 
 
 @dataclass
-class SweepOutcome:
-    output_dir: Path
+class SweepOutcome:  # the paths: local, or URIs (s3://...) as tune.output_dir
+    output_dir: str
     rows: list[dict[str, Any]]
     best: dict[str, Any] | None
-    results_csv: Path
-    plot_png: Path
-    best_yaml: Path | None
+    results_csv: str
+    plot_png: str
+    best_yaml: str | None
     expected_trials: int
 
 
@@ -342,9 +342,8 @@ def result_columns(cfg: Config) -> list[str]:
 
 def _absolute_paths(cfg: Config) -> Config:
     cfg = copy.deepcopy(cfg)
-    cfg.tune.output_dir = str(Path(cfg.tune.output_dir).expanduser().resolve())
-    if "://" not in cfg.data.path:
-        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    cfg.tune.output_dir = absolute(cfg.tune.output_dir)
+    cfg.data.path = absolute(cfg.data.path)
     if cfg.tune.eval_benchmark and cfg.tune.eval_benchmark not in BUILTIN_BENCHMARKS:  # a samples file
         cfg.tune.eval_benchmark = str(Path(cfg.tune.eval_benchmark).expanduser().resolve())
     return cfg
@@ -357,6 +356,8 @@ def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
 
     from mpalign.train import check_config
 
+    check_writable(cfg.tune.output_dir, "tune.output_dir", folder=True, remote_ok=True)
+    OutputFolder(cfg.tune.output_dir).check_reachable("tune.output_dir")  # s3://: one error line, not a hang in Tune
     check_tune_config(cfg)
     # checked as the widest trial runs it (its GPU share, the layer set that taps the most blocks: most projectors)
     widest = {"alpha": cfg.tune.alpha_max, "layer_set": max(cfg.tune.layer_sets, key=lambda n: len(parse_layer_set(n))),
@@ -369,23 +370,22 @@ def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
     if warmup_validations(cfg) >= math.ceil(cfg.train.max_steps / cfg.train.val_every):
         logger.warning("every validation falls inside the alignment warm-up (train.warmup_steps=%d): all trials of a "
                        "seed train the same model and the sweep can tell nothing apart", cfg.train.warmup_steps)
-    out = Path(cfg.tune.output_dir)
-    experiment = out / EXPERIMENT
-    if experiment.exists() and not resume:
+    out = OutputFolder(cfg.tune.output_dir)
+    experiment = out.uri(EXPERIMENT)
+    if out.exists(EXPERIMENT) and not resume:
         if not overwrite:
             raise UserInputError(f"'{experiment}' already holds a sweep: pass --resume to finish it, --overwrite to "
                                  f"start over, or set tune.output_dir to another folder")
-        shutil.rmtree(experiment)
-        shutil.rmtree(out / TRIALS, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
+        out.remove(EXPERIMENT, TRIALS)
+    out.make_folders()
+    out.write_text("config.yaml", cfg.to_yaml())
     start_ray(worker_logs=False)  # the driver prints a line per trial (TrialEnds)
     trainable = _trainable(cfg)
-    trial_ends = TrialEnds(str(out / TRIALS), cfg.tune.metric, expected_trials(cfg))
+    trial_ends = TrialEnds(OutputFolder(out.uri(TRIALS)), cfg.tune.metric, expected_trials(cfg))
     logger.info("sweep: %d trials of %d steps, ranked by %s, in %s", trial_ends.total, cfg.train.max_steps,
                 cfg.tune.metric, out)
-    if resume and tune.Tuner.can_restore(str(experiment)):
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    if resume and tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         if resume:
             logger.info("nothing to resume in %s: starting the sweep", experiment)
@@ -401,11 +401,15 @@ def run_sweep(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> 
         )
     grid = tuner.fit()
     rows = result_rows(grid, cfg)
-    results_csv = write_results(rows, out / RESULTS_CSV, result_columns(cfg))
-    plot_png = plot_objective(rows, out / PLOT_PNG, cfg.tune.metric)
     best = best_row(rows, metric_mode(cfg.tune.metric))
-    best_yaml = write_best_config(cfg, best, out / BEST_YAML) if best else None
-    return SweepOutcome(out, rows, best, results_csv, plot_png, best_yaml, expected_trials(cfg))
+    summary = StagedFolder(str(out))  # the writers below take local paths
+    write_results(rows, summary.path / RESULTS_CSV, result_columns(cfg))
+    plot_objective(rows, summary.path / PLOT_PNG, cfg.tune.metric)
+    if best:
+        write_best_config(cfg, best, summary.path / BEST_YAML)
+    summary.close()
+    return SweepOutcome(str(out), rows, best, out.uri(RESULTS_CSV), out.uri(PLOT_PNG),
+                        out.uri(BEST_YAML) if best else None, expected_trials(cfg))
 
 
 def result_rows(grid: Any, cfg: Config) -> list[dict[str, Any]]:
@@ -413,6 +417,7 @@ def result_rows(grid: Any, cfg: Config) -> list[dict[str, Any]]:
     unfinished (the sweep was interrupted first); ``early_stopped``: finished before ``train.max_steps``; ``objective``
     is ``tune.metric``'s value, also for a trial ``below_clip_t_floor`` (which ASHA saw as the worst)."""
     nan = float("nan")
+    out = OutputFolder(cfg.tune.output_dir)
     scores = ["diffusion", *((*REPORTED, *subject_metric_names(cfg)) if uses_fidelity(cfg) else ())]
     rows = []
     for result in grid:
@@ -421,9 +426,8 @@ def result_rows(grid: Any, cfg: Config) -> list[dict[str, Any]]:
             continue
         params, metrics = trial_params(result.config, cfg), result.metrics or {}
         trial_id = str(metrics.get("trial_id", ""))  # "" for a trial that never reported (interrupted before)
-        folder = Path(cfg.tune.output_dir) / TRIALS / trial_id
-        end = folder / TRIAL_END
-        ended = json.loads(end.read_text())["status"] if trial_id and end.is_file() else "unfinished"
+        end = f"{TRIALS}/{trial_id}/{TRIAL_END}"
+        ended = json.loads(out.read_text(end))["status"] if trial_id and out.exists(end) else "unfinished"
         status = "error" if result.error else ended
         step = int(metrics.get("step", 0))
         rows.append({
@@ -441,7 +445,7 @@ def result_rows(grid: Any, cfg: Config) -> list[dict[str, Any]]:
             "status": status,
             "val_cos_cross": metrics.get("val_cos_cross", float("nan")),
             "val_cos_self": metrics.get("val_cos_self", float("nan")),
-            "output_dir": str(folder) if trial_id else "",
+            "output_dir": out.uri(TRIALS, trial_id) if trial_id else "",
         })
     rows.sort(key=lambda r: _params_key(r, ("layer_set", "loss_extras", "lambda_self", "beta", "alpha", "seed")))
     return rows
@@ -475,7 +479,7 @@ def best_row(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
 def write_best_config(cfg: Config, best: dict[str, Any], path: Path) -> Path:
     """The base config with the best trial's parameters, training into ``<tune.output_dir>/best/train``."""
     best_cfg = apply_params(cfg, best)
-    best_cfg.train.output_dir = str(Path(cfg.tune.output_dir) / "best" / "train")
+    best_cfg.train.output_dir = OutputFolder(cfg.tune.output_dir).uri("best", "train")
     return best_cfg.save(path)
 
 

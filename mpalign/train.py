@@ -29,12 +29,14 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import torch
+import yaml
 
 from mpalign import methods
 from mpalign.cli import UserInputError, check_writable, run_cli, start_ray, verbose_console
 from mpalign.config import Config, ConfigError, add_config_args, config_from_args, config_from_dict, shipped_config
+from mpalign.data.output import OutputFolder, StagedFolder
 from mpalign.models.alignment import check_alignment_config
-from mpalign.storage import check_storage, is_remote, remove_tree
+from mpalign.storage import absolute, check_storage, is_remote, remove_tree
 from mpalign.training.checkpoint import (
     ADAPTER_DIR,
     EMA_ADAPTER_DIR,
@@ -66,6 +68,7 @@ from mpalign.training.validation import (
 
 logger = logging.getLogger("mpalign.train")
 
+RUN_CONFIG = "config.yaml"
 RUN_NAME = "run"  # Ray Train's run folder under the storage path; the same name is what makes --resume find it
 FINAL_ADAPTER = "adapter"
 OUTPUT_SUBDIRS = (FINAL_ADAPTER, "tensorboard", "validation")  # what --overwrite clears besides the run
@@ -78,8 +81,8 @@ OUTPUT_SUBDIRS = (FINAL_ADAPTER, "tensorboard", "validation")  # what --overwrit
 
 @dataclass
 class TrainingOutcome:
-    output_dir: Path
-    adapter_dir: Path
+    output_dir: str  # a local path or a URI (s3://...), as train.output_dir
+    adapter_dir: str
     checkpoint_path: str
     metrics: dict[str, Any]
 
@@ -91,17 +94,11 @@ def dataset_samples_uri(cfg: Config) -> str:
     return f"{cfg.data.path.rstrip('/')}/{SAMPLES_DIR}"
 
 
-def _absolute(path: str) -> str:
-    if not path or "://" in path:
-        return path
-    return str(Path(path).expanduser().resolve())
-
-
 def _resolve_paths(cfg: Config) -> Config:
     """Absolute paths before the config travels to workers (whose working directory Ray changes)."""
-    cfg.train.output_dir = _absolute(cfg.train.output_dir)
-    cfg.train.storage_path = _absolute(cfg.train.storage_path)
-    cfg.data.path = _absolute(cfg.data.path)
+    cfg.train.output_dir = absolute(cfg.train.output_dir)
+    cfg.train.storage_path = absolute(cfg.train.storage_path)
+    cfg.data.path = absolute(cfg.data.path)
     if cfg.train.strategy == "deepspeed":
         ds_config = Path(cfg.train.deepspeed_config)
         ds_config = shipped_config(ds_config)
@@ -124,6 +121,8 @@ def check_config(cfg: Config) -> None:
         except ImportError:
             raise ConfigError("train.strategy=deepspeed needs DeepSpeed: pip install 'mpalign[deepspeed]'") from None
     check_gpu_memory(cfg, log=logger.info)  # from the config alone: before any storage is touched
+    if is_remote(cfg.train.output_dir):
+        check_storage(cfg.train.output_dir, "train.output_dir")
     samples = dataset_samples_uri(cfg)
     if is_remote(samples):  # unreachable storage or missing credentials: one line now, not a hang inside Ray
         check_storage(samples, "the dataset's samples folder", must_exist=True)
@@ -149,14 +148,13 @@ def check_config(cfg: Config) -> None:
 RESUME_FREE_MODEL_SETTINGS = ("device",)
 
 
-def _check_resume_sizes(cfg: Config, saved: Path) -> None:
+def _check_resume_sizes(cfg: Config, output: OutputFolder) -> None:
     """Refuse ``--resume`` with model settings other than the run's, before its config.yaml is rewritten: the
     checkpoints hold the old sizes, and the saved config must keep describing them."""
-    from mpalign.config import load_config
-
-    if not saved.is_file():
+    if not output.exists(RUN_CONFIG):
         return
-    old = load_config(saved).model
+    saved = output.uri(RUN_CONFIG)
+    old = config_from_dict(yaml.safe_load(output.read_text(RUN_CONFIG))).model
     changed = [f"model.{k}: {getattr(old, k)!r} -> {v!r}" for k, v in vars(cfg.model).items()
                if k not in RESUME_FREE_MODEL_SETTINGS and getattr(old, k) != v]
     if changed:
@@ -165,11 +163,10 @@ def _check_resume_sizes(cfg: Config, saved: Path) -> None:
                              f"--overwrite / another train.output_dir to start a new run")
 
 
-def _prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
+def _prepare_run_dir(cfg: Config, output: OutputFolder, resume: bool, overwrite: bool) -> None:
     storage = cfg.train.storage_path or cfg.train.output_dir
     if overwrite:
-        for name in OUTPUT_SUBDIRS:
-            shutil.rmtree(Path(cfg.train.output_dir) / name, ignore_errors=True)
+        output.remove(*OUTPUT_SUBDIRS)
     run_dir = f"{storage.rstrip('/')}/{RUN_NAME}"
     exists = check_storage(run_dir, "train.storage_path")  # remote: also fails fast when unreachable
     if exists and not is_remote(run_dir) and not any(Path(run_dir).glob("checkpoint_*")):
@@ -181,7 +178,7 @@ def _prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
             logger.info("nothing to resume in %s: starting a new run", run_dir)
         return
     if resume:
-        _check_resume_sizes(cfg, Path(cfg.train.output_dir) / "config.yaml")
+        _check_resume_sizes(cfg, output)
     if overwrite and is_remote(run_dir):
         remove_tree(run_dir)
     elif overwrite:
@@ -276,10 +273,10 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
 
     check_config(cfg)
     cfg = _resolve_paths(cfg)
-    _prepare_run_dir(cfg, resume, overwrite)
-    output_dir = Path(cfg.train.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(output_dir / "config.yaml")
+    output = OutputFolder(cfg.train.output_dir)
+    _prepare_run_dir(cfg, output, resume, overwrite)
+    output.make_folders()
+    output.write_text(RUN_CONFIG, cfg.to_yaml())
     start_ray()
     datasets = load_datasets(cfg)
     train_cfg = cfg.train
@@ -315,15 +312,14 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    adapter_dir = output_dir / FINAL_ADAPTER
     with result.checkpoint.as_directory() as checkpoint_dir:
         source = Path(checkpoint_dir) / (EMA_ADAPTER_DIR if (Path(checkpoint_dir) / EMA_ADAPTER_DIR).exists()
                                          else ADAPTER_DIR)
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        shutil.copytree(source, adapter_dir)
+        output.remove(FINAL_ADAPTER)
+        output.upload(source, FINAL_ADAPTER)
+    adapter_dir = output.uri(FINAL_ADAPTER)
     logger.info("final adapter written to %s", adapter_dir)
-    return TrainingOutcome(output_dir, adapter_dir, result.checkpoint.path, dict(result.metrics or {}))
+    return TrainingOutcome(str(output), adapter_dir, result.checkpoint.path, dict(result.metrics or {}))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -435,8 +431,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             load_checkpoint(directory, model, state, rank, train.seed)
 
-    metrics_logger = (make_logger(train.logger, train.output_dir, RUN_NAME, loop_config["config"])
-                      if rank == 0 else NullLogger())
+    # rank 0's side outputs (TensorBoard, validation grids, fidelity images) go to train.output_dir, through a local
+    # staging folder when that is on object storage
+    outputs = StagedFolder(train.output_dir) if rank == 0 else None
+    metrics_logger = (make_logger(train.logger, outputs.path, RUN_NAME, loop_config["config"])
+                      if outputs is not None else NullLogger())
 
     collate = methods.collate_fn(cfg)
     rows_per_step = train.batch_size * train.grad_accum_steps
@@ -449,10 +448,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             logger.warning("the dataset has no val rows: validation is skipped")
     val_examples = [ValidationExample(**e) for e in loop_config["val_examples"]]
     grid = ValidationGrid(cfg, val_examples) if rank == 0 and val_examples else None
-    fidelity = _fidelity_evaluation(cfg, loop_config["fidelity"], device) if rank == 0 else None
+    fidelity = None if outputs is None else _fidelity_evaluation(cfg, loop_config["fidelity"], outputs.path, device)
     train_shard = ray.train.get_dataset_shard("train")
     reporter = StepReporter(cfg, model, state, rank, world_size, device, metrics_logger, val_batches, grid, fidelity,
-                            started)
+                            started, outputs)
 
     images_per_step = rows_per_step * world_size
     last_time = time.perf_counter()
@@ -493,15 +492,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                    f"(train.batch_size x train.grad_accum_steps): lower them or use fewer workers")
             state.position = DataPosition(position.epoch + 1, 0)
     metrics_logger.close()
+    if outputs is not None:
+        outputs.close()
 
 
-def _fidelity_evaluation(cfg: Config, spec: dict[str, Any] | None, device: torch.device) -> Any:
+def _fidelity_evaluation(cfg: Config, spec: dict[str, Any] | None, output_dir: Path,
+                         device: torch.device) -> Any:
     """The trial's fidelity evaluation (rank 0), its held-out requests written under ``<output_dir>/fidelity``."""
     if spec is None:
         return None
     from mpalign.eval.fidelity import FIDELITY_DIR, FidelityEvaluation, example_requests
 
-    out_dir = Path(cfg.train.output_dir) / FIDELITY_DIR
+    out_dir = output_dir / FIDELITY_DIR
     requests = spec["requests"] or example_requests([ValidationExample(**e) for e in spec["examples"]],
                                                     out_dir / "references", cfg.tune.eval_seed)
     return FidelityEvaluation(cfg, requests, out_dir, device)
@@ -533,8 +535,9 @@ class StepReporter:
 
     def __init__(self, cfg: Config, model: torch.nn.Module, state: TrainingState, rank: int, world_size: int,
                  device: torch.device, metrics_logger: Any, val_batches: list[dict[str, torch.Tensor]],
-                 grid: ValidationGrid | None, fidelity: Any = None, started: float | None = None):
-        self.cfg, self.model, self.state = cfg, model, state
+                 grid: ValidationGrid | None, fidelity: Any = None, started: float | None = None,
+                 outputs: StagedFolder | None = None):
+        self.cfg, self.model, self.state, self.outputs = cfg, model, state, outputs
         self.rank, self.world_size, self.device = rank, world_size, device
         self.metrics_logger, self.val_batches, self.grid = metrics_logger, val_batches, grid
         self.fidelity, self.started = fidelity, time.perf_counter() if started is None else started
@@ -580,7 +583,7 @@ class StepReporter:
             with ema_weights(module, self.state.ema), module_generation(module) as pipeline:
                 if self.grid is not None:
                     image = self.grid.render(pipeline)
-                    save_grid(image, Path(self.cfg.train.output_dir) / "validation", step)
+                    save_grid(image, self.outputs.path / "validation", step)
                     self.metrics_logger.log_image("val/generations", image, step)
                 if self.fidelity is not None:
                     metrics.update(self.fidelity(pipeline, step))
@@ -592,6 +595,8 @@ class StepReporter:
             metrics["eval_share"] = self.eval_seconds / (time.perf_counter() - self.started)
             metrics["objective"] = objective(metrics, self.cfg.tune.metric, self.cfg.tune.min_clip_t)
         self.metrics_logger.log_scalars(metrics, step)
+        if self.outputs is not None:
+            self.outputs.sync()
         return metrics
 
 
@@ -629,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    check_writable(cfg.train.output_dir, "train.output_dir", folder=True)
+    check_writable(cfg.train.output_dir, "train.output_dir", folder=True, remote_ok=True)
     outcome = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in outcome.metrics.items()}
     print(f"trained to step {summary.get('step')}: adapter in {outcome.adapter_dir}")

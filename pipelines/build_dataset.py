@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mpalign.data.build import build_dataset
 
     cfg = config_from_args(args)
-    check_writable(args.output or cfg.data.path, "--output", folder=True)
+    check_writable(args.output or cfg.data.path, "--output", folder=True, remote_ok=True)
     build_dataset(cfg, input=args.input, output=args.output, overwrite=args.overwrite, max_shards=args.max_shards)
     return 0
 

@@ -145,6 +145,7 @@ CASES = {  # id: (entry point, argv, a fragment the error line must hold)
     "generate-out-text-extension": ("generate", [*SUBJECT, "--out", "picture.txt"], "image file extension"),
     "generate-out-under-a-file": ("generate", [*SUBJECT, "--out", "a-file/x.png"], "cannot be created"),
     "generate-out-is-a-folder": ("generate", [*SUBJECT, "--out", "folder.png"], "is a folder"),
+    "generate-out-on-s3": ("generate", [*SUBJECT, "--out", "s3://bucket/x.png"], "must be a local or shared file"),
     "generate-adapter-config-only": ("generate", [*SUBJECT, "--out", "x.png", "--adapter", "adapter-config-only"],
                                      "no weights"),
     "generate-mosaic-controlnet": ("generate", [*SUBJECT, "--out", "x.png", "--set", "model.method=mosaic",
@@ -155,6 +156,7 @@ CASES = {  # id: (entry point, argv, a fragment the error line must hold)
     "generate-mosaic-toy": ("generate", [*SUBJECT, "--out", "x.png", "--set", "model.method=mosaic",
                                         "--set", "model.preset=toy"], "no FLUX weights"),
     "evaluate-out-is-a-file": ("evaluate", ["--out", "a-file"], "is a file"),
+    "evaluate-out-on-s3": ("evaluate", ["--out", "s3://bucket/eval"], "--out 's3://bucket/eval' must be a local"),
     "evaluate-adapter-config-only": ("evaluate", ["--adapter", "adapter-config-only", "--out", "ev"], "no weights"),
     "evaluate-adapter-truncated": ("evaluate", ["--adapter", "adapter-truncated", "--out", "ev"], "cannot load"),
     "evaluate-adapter-bad-json": ("evaluate", ["--adapter", "adapter-bad-json", "--out", "ev"], "cannot load"),
@@ -165,6 +167,7 @@ CASES = {  # id: (entry point, argv, a fragment the error line must hold)
     "convert-wrong-entry-type": ("convert", ["wrong.bin", "conv"], "image_proj"),
     "convert-dim-head-zero": ("convert", ["official-ish.bin", "conv", "--dim-head", "0"], "--dim-head"),
     "convert-out-is-a-file": ("convert", ["official-ish.bin", "a-file"], "is a file"),
+    "convert-out-on-s3": ("convert", ["official-ish.bin", "s3://bucket/conv"], "must be a local or shared folder"),
 }
 
 
@@ -179,6 +182,7 @@ def test_a_user_mistake_is_one_error_line(case, place, capsys, monkeypatch):
     errors = [line for line in err if line.startswith("error:")]
     assert len(errors) == 1 and not any("Traceback" in line for line in err), err
     assert fragment in errors[0], errors[0]
+    assert not (place / "s3:").exists()  # a URI where only local paths work must not become a folder named "s3:"
 
 
 def test_a_resume_refused_leaves_the_runs_config_as_it_was(place, capsys):

@@ -235,7 +235,7 @@ def test_b_ddp_over_two_nodes_restarts_from_the_last_checkpoint_when_a_node_is_l
     assert resumed >= lost["steps_done"] - CHECKPOINT_EVERY, (resumed, lost)  # at most one interval redone
     losses = tensorboard_scalars(out / "tensorboard", "train/loss")  # rank 0's step log, both attempts
     assert sorted(losses) == list(range(1, MAX_STEPS + 1))  # every step, none missing
-    assert (outcome.adapter_dir / "config.json").is_file()
+    assert (Path(outcome.adapter_dir) / "config.json").is_file()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ def test_c_sweep_trials_on_different_nodes_fill_results_csv(fresh_nodes, dataset
 
     trial_nodes = {nodes[0] for _, nodes in watcher.placements}
     assert len(watcher.placements) == len(alphas) and len(trial_nodes) == len(alphas), watcher.placements
-    with outcome.results_csv.open() as handle:
+    with Path(outcome.results_csv).open() as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(float(r["alpha"]) for r in rows) == alphas
     assert all(r["status"] == "finished" and int(r["step"]) == 2 and float(r["objective"]) > 0 for r in rows), rows

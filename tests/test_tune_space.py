@@ -140,9 +140,10 @@ def test_each_ended_trial_is_one_console_line(tmp_path, caplog):
     import logging
     from types import SimpleNamespace
 
+    from mpalign.data.output import OutputFolder
     from mpalign.sweep import TRIAL_END, TrialEnds
 
-    ends = TrialEnds(str(tmp_path), "identity_color", total=2)
+    ends = TrialEnds(OutputFolder(tmp_path), "identity_color", total=2)
     trial = SimpleNamespace(trial_id="t1", config={"point": {"alpha": 0.01, "layer_set": "down+mid", "seed": 0}},
                             last_result={"objective": 0.1875, "step": 750})
     with caplog.at_level(logging.INFO, logger="mpalign.sweep"):

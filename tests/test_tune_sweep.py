@@ -42,7 +42,7 @@ def trial_dirs(out: Path) -> list[Path]:
 
 def test_a_row_per_trial_with_alpha_layer_set_and_objective(sweep):
     cfg, outcome = sweep
-    with outcome.results_csv.open() as handle:
+    with Path(outcome.results_csv).open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(ALPHAS) * len(LAYER_SETS)
     assert {(float(r["alpha"]), r["layer_set"]) for r in rows} == {(a, s) for a in ALPHAS for s in LAYER_SETS}
@@ -54,7 +54,8 @@ def test_a_row_per_trial_with_alpha_layer_set_and_objective(sweep):
         assert 0 < float(row["eval_share"]) < 1 and float(row["eval_seconds"]) > 0
         assert row["below_clip_t_floor"] == "False"
         assert 1 <= int(row["step"]) <= MAX_STEPS
-    assert outcome.plot_png.name == PLOT_PNG and outcome.plot_png.stat().st_size > 1000
+    plot_png = Path(outcome.plot_png)
+    assert plot_png.name == PLOT_PNG and plot_png.stat().st_size > 1000
     assert len(trial_dirs(Path(cfg.tune.output_dir))) == len(rows)
 
 
@@ -74,12 +75,12 @@ def test_best_config_trains_with_mpalign_train_as_is(sweep):
     assert not best["early_stopped"]
     assert best["objective"] == max(r["objective"] for r in outcome.rows if not r["early_stopped"])  # DINO: higher
     best_cfg = load_config(outcome.best_yaml)
-    assert outcome.best_yaml.name == BEST_YAML
+    assert Path(outcome.best_yaml).name == BEST_YAML
     assert best_cfg.train.alpha == best["alpha"]
     assert "+".join(best_cfg.model.align_blocks) == best["layer_set"]
     result = run_training(best_cfg)
     assert result.metrics["step"] == MAX_STEPS
-    assert (result.adapter_dir / "config.json").is_file()
+    assert (Path(result.adapter_dir) / "config.json").is_file()
 
 
 def test_a_restored_sweep_does_not_rerun_finished_trials(sweep):

@@ -14,7 +14,7 @@ import argparse
 import math
 from collections.abc import Sequence
 
-from mpalign.cli import check_writable, run_cli
+from mpalign.cli import run_cli
 from mpalign.config import add_config_args, config_from_args
 from mpalign.sweep import run_sweep
 
@@ -31,7 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    check_writable(cfg.tune.output_dir, "tune.output_dir", folder=True)
     outcome = run_sweep(cfg, resume=args.resume, overwrite=args.overwrite)
     for row in outcome.rows:
         flag = " (stopped early)" if row["early_stopped"] else "" if row["status"] == "finished" else f" ({row['status']})"

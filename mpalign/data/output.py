@@ -1,5 +1,6 @@
-"""Where the dataset builder's output lives: a local folder or a prefix on object storage (``s3://bucket/prefix``),
-both reached through one pyarrow filesystem, so the builder has one code path for either.
+"""Where outputs live (the dataset builder's, a training run's, a sweep's): a local folder or a prefix on object
+storage (``s3://bucket/prefix``), both reached through one pyarrow filesystem, so each writer has one code path for
+either; :class:`StagedFolder` serves the writers that only take a local path (TensorBoard, image files).
 
 The one difference that matters is how a shard file is made atomic: a local file is written under a temporary name
 and renamed into place; an object store's single put is atomic already (the object appears whole or not at all), so
@@ -9,6 +10,8 @@ it is written directly.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -39,13 +42,17 @@ class OutputFolder:
     def __reduce__(self):
         return OutputFolder, (self.location,)
 
-    def check_reachable(self) -> None:
+    def check_reachable(self, what: str = "output") -> None:
         """One ConfigError within seconds when the store cannot be reached or no credentials are set (a no-op for a
         local folder): called before Ray starts."""
-        check_storage(self.location, "output")
+        check_storage(self.location, what)
 
     def path(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
+
+    def uri(self, *parts: str) -> str:
+        """Where ``parts`` is, as users write it (``s3://bucket/...`` or a local path)."""
+        return "/".join((self.location, *parts))
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
@@ -64,9 +71,10 @@ class OutputFolder:
         return not self.local or os.path.isdir(self.path(*parts))
 
     def make_folders(self, *subfolders: str) -> None:
+        """Create these subfolders; with none named, the folder itself."""
         try:
-            for sub in subfolders:
-                self.fs.create_dir(self.path(sub), recursive=True)
+            for path in [self.path(sub) for sub in subfolders] or [self.root]:
+                self.fs.create_dir(path, recursive=True)
         except OSError as exc:  # e.g. a bucket that does not exist
             raise ConfigError(f"cannot write output '{self}': {' '.join(str(exc).split())[:300]}") from None
 
@@ -78,6 +86,11 @@ class OutputFolder:
                 self.fs.delete_dir(self.path(name))
             elif kind == pafs.FileType.File:
                 self.fs.delete_file(self.path(name))
+
+    def upload(self, local: str | Path, *parts: str) -> None:
+        """Copy a local file or folder (with everything under it) to ``parts``, replacing what has the same names."""
+        pafs.copy_files(str(Path(local).resolve()), self.path(*parts), source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
 
     def read_text(self, name: str) -> str:
         with self.fs.open_input_stream(self.path(name)) as stream:
@@ -100,3 +113,31 @@ class OutputFolder:
 
     def read_parquet(self, subfolder: str, columns: list[str]) -> pa.Table:
         return pq.read_table(self.path(subfolder), filesystem=self.fs, columns=columns)
+
+
+class StagedFolder:
+    """A local folder standing for ``location``, for writers that only take a local path (TensorBoard, image files):
+    ``location`` itself when it is local, else a temporary folder whose new and changed files :meth:`sync` uploads
+    there."""
+
+    def __init__(self, location: str) -> None:
+        self.remote = OutputFolder(location) if is_remote(location) else None
+        self.path = Path(tempfile.mkdtemp(prefix="mpalign-staged-")) if self.remote else Path(location)
+        self.uploaded: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) when last uploaded
+
+    def sync(self) -> None:
+        """Upload what changed since the last sync (each sync after a validation would otherwise send every earlier
+        image again)."""
+        if self.remote is None:
+            return
+        for file in sorted(p for p in self.path.rglob("*") if p.is_file()):
+            name, stat = file.relative_to(self.path).as_posix(), file.stat()
+            if self.uploaded.get(name) != (stat.st_size, stat.st_mtime_ns):
+                self.remote.upload(file, name)
+                self.uploaded[name] = (stat.st_size, stat.st_mtime_ns)
+
+    def close(self) -> None:
+        """The last sync; the temporary folder goes."""
+        self.sync()
+        if self.remote is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
