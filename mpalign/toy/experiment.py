@@ -49,7 +49,7 @@ def training_config(cfg: Config, condition: str, seed: int, out: Path) -> Config
                         "val_every": 0, "checkpoint_every": cfg.train.max_steps})
 
 
-def train_adapters(cfg: Config, seeds: Sequence[int], out: Path) -> tuple[dict[tuple[str, int], Path], dict]:
+def train_adapters(cfg: Config, seeds: Sequence[int], out: Path) -> tuple[dict[tuple[str, int], str], dict]:
     from mpalign.train import run_training
 
     adapters, seconds = {}, {}
@@ -65,7 +65,7 @@ def train_adapters(cfg: Config, seeds: Sequence[int], out: Path) -> tuple[dict[t
     return adapters, seconds
 
 
-def evaluate_all(cfg: Config, adapters: dict[tuple[str, int], Path], seeds: Sequence[int], out: Path) -> pd.DataFrame:
+def evaluate_all(cfg: Config, adapters: dict[tuple[str, int], str], seeds: Sequence[int], out: Path) -> pd.DataFrame:
     from mpalign.eval.benchmarks import expand_runs, load_benchmark
     from mpalign.eval.stages import run_evaluation
 
@@ -75,7 +75,7 @@ def evaluate_all(cfg: Config, adapters: dict[tuple[str, int], Path], seeds: Sequ
     runs = [("text-only", seed, _with(eval_cfg, model={"scale": 0.0}), None, [seed]) for seed in seeds[:1]]
     runs[0] = (*runs[0][:4], list(seeds))  # text-only: one model, the seeds are generation seeds
     runs += [("untrained", seed, _with(eval_cfg, model={"seed": seed}), None, [0]) for seed in seeds]
-    runs += [(condition, seed, eval_cfg, str(folder), [0]) for (condition, seed), folder in adapters.items()]
+    runs += [(condition, seed, eval_cfg, folder, [0]) for (condition, seed), folder in adapters.items()]
     for condition, seed, run_cfg, folder, gen_seeds in runs:
         name = f"{condition} seed {seed}" if condition != "text-only" else "text-only"
         started = time.perf_counter()
