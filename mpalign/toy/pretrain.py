@@ -42,7 +42,7 @@ from mpalign.toy.world import ATTRIBUTES, crop_set, scene_set
 IMAGE_SIZE = 64
 CROP_SIZE = 64
 PARTS = ("vae", "clip", "unet", "dinov2", "classifier")  # in training order: the UNet reads the CLIP's text tower
-# Optimiser steps of each part at --scale 1 (about 30 min on 2 CPU cores in all).
+# Optimiser steps of each part at --scale 1 (under an hour on 2 CPU cores in all, the UNet half of it).
 STEPS = {"vae": 1500, "unet": 4000, "clip": 1200, "dinov2": 1000, "classifier": 1200}
 
 
