@@ -364,6 +364,18 @@ def test_a_chain_actor_that_cannot_see_the_output_asks_for_shared_storage(tmp_pa
         builder(pa.Table.from_pylist([], schema=WORK_SCHEMA))
 
 
+def test_a_flat_folder_and_a_file_upload_into_local_folders_that_do_not_exist_yet(tmp_path):
+    """A MOSAIC adapter is one flat folder (config + LoRA): uploading it made no destination folder (make demo)."""
+    source = tmp_path / "adapter"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    out = OutputFolder(tmp_path / "train")
+    out.upload(source, "adapter")
+    out.upload(source / "config.json", "validation", "config.json")
+    assert (tmp_path / "train" / "adapter" / "config.json").read_text() == "{}"
+    assert (tmp_path / "train" / "validation" / "config.json").is_file()
+
+
 def test_build_progress_is_a_few_lines_for_a_small_build_and_a_pulse_for_a_long_one():
     from mpalign.data.build import progress_due
 
