@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 # The whole pipeline in the toy world (configs/toy.yaml: small models trained by the project, shipped in
 # mpalign/toy/weights), each step the command a user would run: zoo check, dataset build (procedural images + frame
 # pairs, captions that name only each object's kind), training, generation from two held-out references (with a
-# sheet: references | layout | image), a sweep ranked by identity, evaluation on the toy benchmark. Then MOSAIC
+# sheet: references | layout | image), a sweep ranked by identity (colour), evaluation on the toy benchmark. Then MOSAIC
 # (model.method=mosaic, docs/mosaic.md) on the tiny FLUX preset (the toy world has no FLUX weights): a small dataset
 # with correspondences, a few training steps of its reference LoRA with SCAL and MDL, one image from the same two
 # references, evaluation on two toy-benchmark prompts.
