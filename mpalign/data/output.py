@@ -90,9 +90,9 @@ class OutputFolder:
     def upload(self, local: str | Path, *parts: str) -> None:
         """Copy a local file or folder (with everything under it) to ``parts``, replacing what has the same names."""
         local = Path(local).resolve()
-        # copy_files makes the folders of subfolders it meets, not the destination itself (no folder at all: a flat
-        # adapter folder could not be written to a local output); object stores have no folders to make
-        self.fs.create_dir(self.path(*parts) if local.is_dir() else self.path(*parts).rpartition("/")[0], recursive=True)
+        if self.local:  # copy_files makes the folders of the subfolders it meets, not the destination's own
+            self.fs.create_dir(self.path(*parts) if local.is_dir() else self.path(*parts).rpartition("/")[0],
+                               recursive=True)
         pafs.copy_files(str(local), self.path(*parts), source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.fs)
 
