@@ -451,12 +451,11 @@ def result_rows(grid: Any, cfg: Config) -> list[dict[str, Any]]:
     return rows
 
 
-def write_results(rows: list[dict[str, Any]], path: Path, columns: list[str]) -> Path:
+def write_results(rows: list[dict[str, Any]], path: Path, columns: list[str]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    return path
 
 
 def best_row(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
@@ -476,11 +475,11 @@ def best_row(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
     return {**groups[best][0], "objective": means[best], "seeds": len(groups[best])}
 
 
-def write_best_config(cfg: Config, best: dict[str, Any], path: Path) -> Path:
+def write_best_config(cfg: Config, best: dict[str, Any], path: Path) -> None:
     """The base config with the best trial's parameters, training into ``<tune.output_dir>/best/train``."""
     best_cfg = apply_params(cfg, best)
     best_cfg.train.output_dir = OutputFolder(cfg.tune.output_dir).uri("best", "train")
-    return best_cfg.save(path)
+    best_cfg.save(path)
 
 
 def _params_key(row: dict[str, Any], keys: Sequence[str]) -> tuple:
@@ -514,7 +513,7 @@ def _curve_groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
     return groups or ({"alpha = 0": baseline} if baseline else {})
 
 
-def plot_objective(rows: list[dict[str, Any]], path: Path, metric: str) -> Path:
+def plot_objective(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
     """The objective (and CLIP-T, when trials scored generations) against alpha: per line the mean over seeds with
     error bars of one standard deviation, every trial as a dot (hollow: stopped early)."""
     import matplotlib
@@ -552,7 +551,6 @@ def plot_objective(rows: list[dict[str, Any]], path: Path, metric: str) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-    return path
 
 
 def _std(values: list[float]) -> float:
