@@ -25,9 +25,6 @@ def check_method(cfg: Config) -> str:
             raise ConfigError(f"model.mosaic_loss_blocks must name one or more of {list(BLOCK_THIRDS)}, got {blocks}")
         if cfg.model.mosaic_lora_rank < 1:
             raise ConfigError(f"model.mosaic_lora_rank must be >= 1, got {cfg.model.mosaic_lora_rank}")
-        if cfg.model.preset == "toy":  # the toy world ships SDXL-shaped weights only (mpalign/toy/weights)
-            raise ConfigError("model.preset=toy has no FLUX weights: model.method=mosaic runs with model.preset tiny "
-                              "or pretrained")
     return cfg.model.method
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 from mpalign import zoo
 from mpalign.config import Config
 from mpalign.encoders import images_to_tensor
-from mpalign.models.mosaic import TOKEN_PIXELS, MosaicAdapter, MosaicContext, flux_latents, pack, run_transformer
+from mpalign.models.mosaic import MosaicAdapter, MosaicContext, flux_latents, pack, run_transformer
 from mpalign.models.mosaic_training import fresh_mosaic_adapter
 from mpalign.pipeline import check_subjects
 
@@ -44,8 +44,10 @@ class MosaicPipeline:
         for parameter in adapter.parameters():
             parameter.requires_grad_(False)
         self.adapter = adapter
-        self.reference_size = max(TOKEN_PIXELS, reference_size // TOKEN_PIXELS * TOKEN_PIXELS)
         self.pipe = FluxPipeline(**flux.as_pipeline_kwargs())
+        # pixels per image token: the VAE's down-sampling times the 2x2 packing (zoo.flux_token_pixels)
+        self.token_pixels = 2 * self.pipe.vae_scale_factor
+        self.reference_size = max(self.token_pixels, reference_size // self.token_pixels * self.token_pixels)
         self.pipe.set_progress_bar_config(disable=True)
 
     @classmethod
@@ -96,8 +98,8 @@ class MosaicPipeline:
         device, dtype = transformer.device, transformer.dtype
         height = height or self.flux.vae.config.sample_size
         width = width or self.flux.vae.config.sample_size
-        if height % TOKEN_PIXELS or width % TOKEN_PIXELS:
-            raise ValueError(f"height and width must be multiples of {TOKEN_PIXELS}, got {height}x{width}")
+        if height % self.token_pixels or width % self.token_pixels:
+            raise ValueError(f"height and width must be multiples of {self.token_pixels}, got {height}x{width}")
         prompt_embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
                                                       num_images_per_prompt=num_images,
                                                       max_sequence_length=self.flux.tokenizer_2.model_max_length)
@@ -106,7 +108,7 @@ class MosaicPipeline:
                                           prompt_embeds.dtype, device, generator)
         references, reference_grid = self.reference_tokens(subject_images)
         references = references.to(device, dtype).expand(num_images, -1, -1)
-        target_grid = (height // TOKEN_PIXELS, width // TOKEN_PIXELS)
+        target_grid = (height // self.token_pixels, width // self.token_pixels)
         scheduler = self.flux.scheduler
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         mu = calculate_shift(latents.shape[1], scheduler.config.get("base_image_seq_len", 256),

@@ -1,10 +1,12 @@
 """The model zoo: one loader per role, real weights by Hugging Face id or local path, or a tiny random preset.
 
-Roles: SDXL (UNet, VAE, two text encoders + tokenizers, noise scheduler), the CLIP image encoder, DINOv2, Grounding
-DINO, SAM and the spaCy pipeline. With ``model.preset: pretrained`` each loader calls ``from_pretrained`` on the id or
-folder in the config (``local_files_only`` when ``HF_HUB_OFFLINE=1``). With ``model.preset: tiny`` each role is built
-from a small config with fixed seeds: same classes, same structure (the tiny UNet keeps SDXL's text_time conditioning,
-cross-attention down blocks, mid block and up blocks), random weights. ``save_tiny_zoo`` writes the tiny preset in the
+Roles: SDXL (UNet, VAE, two text encoders + tokenizers, noise scheduler), FLUX (the MOSAIC method's base: transformer,
+VAE, CLIP and T5 text encoders + tokenizers, scheduler), the CLIP image encoder, DINOv2, Grounding DINO, SAM and the
+spaCy pipeline. With ``model.preset: pretrained`` each loader calls ``from_pretrained`` on the id or folder in the
+config (``local_files_only`` when ``HF_HUB_OFFLINE=1``). With ``model.preset: toy`` the same calls read the project's
+trained toy weights (``mpalign/toy/weights`` or ``model.toy_weights``; roles it does not train stay tiny). With
+``model.preset: tiny`` each role is built from a small config with fixed seeds: same classes, same structure (the
+tiny UNet keeps SDXL's text_time conditioning, cross-attention down blocks, mid block and up blocks), random weights. ``save_tiny_zoo`` writes the tiny preset in the
 layout real checkpoints use, so tests load it back through the very ``from_pretrained`` path users take.
 """
 
@@ -56,8 +58,13 @@ def _offline() -> bool:
 
 def _pretrained(cls: Any, name: str, role: str, **kwargs: Any) -> Any:
     """``cls.from_pretrained`` with an error a user can act on when the weights are not there."""
+    return _load(cls.from_pretrained, name, role, **kwargs)
+
+
+def _load(load: Any, name: str, role: str, **kwargs: Any) -> Any:
+    """``load(name, ...)`` (a ``from_pretrained`` or ``load_config``) with an error a user can act on."""
     try:
-        return cls.from_pretrained(name, local_files_only=_offline(), **kwargs)
+        return load(name, local_files_only=_offline(), **kwargs)
     except (OSError, ValueError) as exc:
         sub = f" (subfolder '{kwargs['subfolder']}')" if kwargs.get("subfolder") else ""
         raise ModelLoadError(
@@ -251,6 +258,14 @@ TINY_FLUX_TEXT_HIDDEN = 32  # CLIP (pooled projections) and T5 (joint attention)
 TINY_FLUX_MAX_TEXT_TOKENS = 32
 
 
+# FLUX's VAE in miniature: 16 latent channels, 8x down-sampling, no quant convs, shift + scale
+TINY_FLUX_VAE_CONFIG = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": (16, 32, 32, 32),
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 128, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+    "use_quant_conv": False, "use_post_quant_conv": False}
+
+
 @dataclass
 class FluxComponents:
     transformer: Any
@@ -282,7 +297,7 @@ def tiny_flux_transformer_config() -> dict[str, Any]:
     }
 
 
-def _flux_scheduler_config() -> dict[str, Any]:
+def flux_scheduler_config() -> dict[str, Any]:
     """FLUX.1-dev's flow-matching scheduler settings (resolution-dependent shift)."""
     return {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
             "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
@@ -300,11 +315,8 @@ def _tiny_flux(seed: int) -> FluxComponents:
     hidden = TINY_FLUX_TEXT_HIDDEN
     with _seeded(seed + 60):
         transformer = FluxTransformer2DModel(**tiny_flux_transformer_config())
-    with _seeded(seed + 61):  # FLUX's VAE: 16 latent channels, 8x down-sampling, no quant convs, shift + scale
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32, 32, 32),
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            layers_per_block=1, norm_num_groups=8, sample_size=128, scaling_factor=0.3611,
-                            shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    with _seeded(seed + 61):
+        vae = AutoencoderKL(**TINY_FLUX_VAE_CONFIG)
     with _seeded(seed + 62):
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
@@ -313,7 +325,7 @@ def _tiny_flux(seed: int) -> FluxComponents:
         # T5's role with the tiny CLIP vocabulary: no T5 sentencepiece model can be fetched offline
         text_encoder_2 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=hidden, d_kv=8, d_ff=2 * hidden,
                                                  num_layers=2, num_heads=4, pad_token_id=eos, eos_token_id=eos))
-    scheduler = FlowMatchEulerDiscreteScheduler(**_flux_scheduler_config())
+    scheduler = FlowMatchEulerDiscreteScheduler(**flux_scheduler_config())
     return FluxComponents(transformer, vae, text_encoder, text_encoder_2, tokenizer,
                           tiny_clip_tokenizer(TINY_FLUX_MAX_TEXT_TOKENS), scheduler)
 
@@ -327,14 +339,31 @@ def load_flux_tokenizers(cfg: ModelConfig) -> tuple[Any, Any]:
         return tiny_clip_tokenizer(), tiny_clip_tokenizer(TINY_FLUX_MAX_TEXT_TOKENS)
     from transformers import AutoTokenizer, CLIPTokenizer
 
-    # AutoTokenizer: FLUX.1-dev's tokenizer_2 is a T5TokenizerFast; a saved tiny preset's is the tiny CLIP one
-    return (_pretrained(CLIPTokenizer, cfg.flux, "FLUX CLIP tokenizer", subfolder="tokenizer"),
-            _pretrained(AutoTokenizer, cfg.flux, "FLUX T5 tokenizer", subfolder="tokenizer_2"))
+    name = _source(cfg, "flux", cfg.flux)
+    # AutoTokenizer: FLUX.1-dev's tokenizer_2 is a T5TokenizerFast; the toy's (or a saved tiny preset's) is the tiny
+    # CLIP one
+    return (_pretrained(CLIPTokenizer, name, "FLUX CLIP tokenizer", subfolder="tokenizer"),
+            _pretrained(AutoTokenizer, name, "FLUX T5 tokenizer", subfolder="tokenizer_2"))
+
+
+def flux_token_pixels(cfg: ModelConfig) -> int:
+    """Pixels per side of one FLUX image token: the VAE's down-sampling (2 per encoder block after the first, as
+    ``FluxPipeline.vae_scale_factor``) times the transformer's 2x2 packing. FLUX.1-dev and the tiny preset: 16; the
+    toy preset (4x VAE): 8. Reads the VAE's config only, for the data stage that maps points to tokens."""
+    _check_preset(cfg)
+    if cfg.preset == "tiny":
+        blocks = len(TINY_FLUX_VAE_CONFIG["block_out_channels"])
+    else:
+        from diffusers import AutoencoderKL
+
+        blocks = len(_load(AutoencoderKL.load_config, _source(cfg, "flux", cfg.flux), "FLUX VAE config",
+                           subfolder="vae")["block_out_channels"])
+    return 2 * 2 ** (blocks - 1)
 
 
 def load_flux(cfg: ModelConfig, dtype: str | torch.dtype | None = None, device: str | None = None) -> FluxComponents:
     """FLUX's parts from a diffusers repo id / folder (``model.flux``: subfolders transformer, vae, text_encoder,
-    text_encoder_2, tokenizer, tokenizer_2, scheduler), or the tiny preset."""
+    text_encoder_2, tokenizer, tokenizer_2, scheduler), the toy preset's ``flux`` folder, or the tiny preset."""
     _check_preset(cfg)
     if cfg.preset == "tiny":
         parts = _tiny_flux(cfg.seed)
@@ -342,7 +371,7 @@ def load_flux(cfg: ModelConfig, dtype: str | torch.dtype | None = None, device: 
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, T5EncoderModel
 
-        name = cfg.flux
+        name = _source(cfg, "flux", cfg.flux)
         tokenizer, tokenizer_2 = load_flux_tokenizers(cfg)
         parts = FluxComponents(
             transformer=_pretrained(FluxTransformer2DModel, name, "FLUX transformer", subfolder="transformer"),

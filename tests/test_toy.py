@@ -40,6 +40,21 @@ def test_shipped_toy_weights_load_through_from_pretrained_with_the_real_classes(
     assert isinstance(load_clip_model(TOY, "openai/clip-vit-large-patch14").model, CLIPModel)
 
 
+def test_shipped_toy_flux_loads_as_diffusers_flux_on_the_toy_vae():
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from mpalign.zoo import flux_token_pixels, load_flux, load_sdxl
+
+    flux = load_flux(TOY)
+    assert isinstance(flux.transformer, FluxTransformer2DModel)
+    assert isinstance(flux.text_encoder, CLIPTextModel) and isinstance(flux.text_encoder_2, T5EncoderModel)
+    vae = load_sdxl(TOY).vae
+    assert flux.transformer.config.in_channels == 4 * vae.config.latent_channels  # 2x2 latent patches
+    # a FLUX token covers 2x2 latents: 8 pixels on the toy VAE (2 downsamplings), 16 on the tiny preset's
+    assert flux_token_pixels(TOY) == 8 and flux_token_pixels(ModelConfig(preset="tiny", device="cpu")) == 16
+
+
 def test_attribute_classifier_is_exact_on_held_out_crops():
     model = attribute_classifier.load_classifier(toy_weights(TOY, "classifier"))
     crops, labels, _ = crop_set(400, seed=4242, image_size=64, crop_size=64, exclude_held_out=False, empty_share=0.1)
@@ -101,12 +116,14 @@ def test_held_out_combinations_leave_every_attribute_in_training():
         assert any(not is_held_out(s, c, t) for c in COLORS for t in TEXTURES)
 
 
-@pytest.mark.parametrize("parts", ["vae", "clip", "vae,clip,dinov2"])
-def test_pretraining_refuses_a_new_vae_or_clip_without_a_new_unet(tmp_path, capsys, parts):
+@pytest.mark.parametrize("parts, missing", [("vae", "unet,flux"), ("clip", "unet,flux"),
+                                             ("vae,clip,dinov2", "unet,flux"), ("clip,unet", "flux"),
+                                             ("vae,flux", "unet")])
+def test_pretraining_refuses_a_new_vae_or_clip_without_the_models_that_read_them(tmp_path, capsys, parts, missing):
     from mpalign.toy.pretrain import main
 
     assert main(["--out", str(tmp_path), "--parts", parts]) == 2
-    assert "needs a new UNet" in capsys.readouterr().err
+    assert f"add {missing} to --parts" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before training anything
 
 
@@ -131,6 +148,13 @@ def test_pretraining_command_writes_loadable_weights_and_lowers_every_loss(tmp_p
             assert torch.equal(value, expected), name
     assert sdxl.unet.config.cross_attention_dim == (sdxl.text_encoder.config.hidden_size
                                                     + clip.config.text_config.hidden_size)
+    from mpalign.zoo import flux_token_pixels, load_flux
+
+    flux = load_flux(cfg)  # MOSAIC's base: the same VAE latents and the same CLIP text tower, loaded as diffusers FLUX
+    assert torch.equal(flux.vae.decoder.conv_out.weight, sdxl.vae.decoder.conv_out.weight)
+    for (name, value), expected in zip(flux.text_encoder.state_dict().items(), clip.text_model.state_dict().values()):
+        assert torch.equal(value, expected), name
+    assert flux_token_pixels(cfg) == 2 * 2 ** (len(sdxl.vae.config.block_out_channels) - 1)
     assert "python -m mpalign.toy.pretrain" in (tmp_path / "README.md").read_text()
 
 
@@ -181,3 +205,19 @@ def test_a_short_adapter_training_in_the_toy_world_carries_the_references_colour
         module.save_adapter(tmp_path / "trained")
         after = _toy_identity(cfg, tmp_path / "trained", samples, tmp_path / "images-after")
     assert after >= before + IDENTITY_GAIN, (before, after)
+
+
+@pytest.mark.parametrize("config, off, on", [("configs/toy.yaml", "trained, alpha=0", "trained, curriculum"),
+                                             ("configs/toy-mosaic.yaml", "trained, flow only", "trained, SCAL+MDL")])
+def test_experiment_trains_each_method_without_and_with_its_alignment_losses(tmp_path, config, off, on):
+    from mpalign.config import load_config
+    from mpalign.toy.experiment import conditions, training_config
+
+    cfg = load_config(config)
+    assert conditions(cfg)[-2:] == (off, on)
+    without, with_losses = (training_config(cfg, c, 1, tmp_path).train for c in (off, on))
+    assert without.alpha == 0.0 and without.beta == 0.0 and without.seed == 1
+    assert (with_losses.alpha, with_losses.beta) == (cfg.train.alpha, cfg.train.beta)
+    assert without.output_dir != with_losses.output_dir
+    with pytest.raises(ValueError):
+        training_config(cfg, "untrained", 1, tmp_path)

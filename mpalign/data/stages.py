@@ -291,9 +291,10 @@ class CorrespondenceStage(Stage):
         super().__init__(cfg)
         self.dinov2 = None
         if cfg.data.correspondences:
-            from mpalign.zoo import load_dinov2
+            from mpalign.zoo import flux_token_pixels, load_dinov2
 
             self.dinov2 = load_dinov2(cfg.model)
+            self.token_pixels = flux_token_pixels(cfg.model)  # the grid of the FLUX these tokens index
 
     def process(self, rows: list[dict[str, Any]]) -> None:
         if self.dinov2 is None:
@@ -306,10 +307,9 @@ class CorrespondenceStage(Stage):
         )
         from mpalign.data.segmentation import BACKGROUND_FILL
         from mpalign.encoders import dinov2_patch_tokens
-        from mpalign.models.mosaic import TOKEN_PIXELS
 
         data = self.cfg.data
-        ref_grid, target_grid = data.crop_size // TOKEN_PIXELS, data.image_size // TOKEN_PIXELS
+        ref_grid, target_grid = data.crop_size // self.token_pixels, data.image_size // self.token_pixels
         crops = [[decode_png(c) for c in r["crops"]] for r in rows]
         flat = [Image.fromarray(c) for row in crops for c in row]
         crop_features = dinov2_patch_tokens(self.dinov2, flat, ref_grid).float().cpu().numpy()

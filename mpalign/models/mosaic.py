@@ -2,7 +2,8 @@
 semantic-correspondence losses SCAL (eqs. 8-10) and MDL (eqs. 11-14).
 
 The frozen ``FluxTransformer2DModel`` runs on an image stream of [target tokens; reference tokens]: every reference
-crop is VAE-encoded and packed like FLUX latents (2x2 patches, 16 pixels per token), and all references are
+crop is VAE-encoded and packed like FLUX latents (2x2 patches: 16 pixels per token with FLUX's 8x VAE, 8 with the
+toy preset's 4x one, ``zoo.flux_token_pixels``), and all references are
 concatenated after the target, so every dual- and single-stream block attends over [text; target; references]
 (eq. 7 up to the order of the blocks, which attention does not see). Position ids keep references apart from the
 target and from each other (:func:`position_ids`). The reference branch is a peft LoRA on ``to_q``/``to_k``/``to_v``
@@ -39,9 +40,6 @@ from mpalign.config import MOSAIC_BLOCKS
 from mpalign.models.alignment import KL_EPS, disentanglement_loss
 from mpalign.zoo import IncompatibleModelError, ModelLoadError
 
-# FLUX's VAE down-samples 8x and the transformer packs 2x2 latents into one token: one token per 16x16 pixels. The
-# correspondence data stage maps points to token indices with the same figure.
-TOKEN_PIXELS = 16
 BLOCK_THIRDS = MOSAIC_BLOCKS
 
 

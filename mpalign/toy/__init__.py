@@ -1,4 +1,4 @@
-"""The toy world: small models of SDXL's structure trained by the project on the procedural images of
+"""The toy world: small models of SDXL's (and FLUX's) structure trained by the project on the procedural images of
 ``mpalign.sample_data``, so that learning is visible and measurable on a CPU.
 
 - ``world``: scenes, subject crops and their exact attributes;

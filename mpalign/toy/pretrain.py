@@ -9,6 +9,11 @@ Every role of the real pipeline gets a small model of the same class, trained he
   ring") or by its kind only ("a ring"). It reads two frozen text encoders, like SDXL: the first is the tiny preset's
   random ``CLIPTextModel``, the second (``CLIPTextModelWithProjection``) is the text tower of the toy CLIP below, so
   the CLIP is trained first (a UNet learns to read trained text features far faster than random ones).
+- ``flux/``: a diffusers FLUX folder, the MOSAIC method's base model. A ``FluxTransformer2DModel`` (dual- then
+  single-stream blocks) learns text-to-image by flow matching on the toy VAE's latents (4 channels, packed 2x2 into
+  16-channel tokens, one token per 8x8 pixels); its CLIP role (pooled) is the toy CLIP's text tower, its T5 role a
+  small ``T5EncoderModel`` trained with the transformer (frozen afterwards, like the real one). No guidance
+  embedding: the toy model is not guidance-distilled, so it is FLUX.1-schnell-like in that respect.
 - ``clip/``: a ``CLIPModel`` trained contrastively on subject crops and scenes with their captions, plus an
   attribute head on crops: the evaluation's CLIP-I / CLIP-T space; ``image_encoder/`` is its vision tower with the
   projection (``CLIPVisionModelWithProjection``), the adapter's image encoder.
@@ -16,7 +21,7 @@ Every role of the real pipeline gets a small model of the same class, trained he
   not DINO's self-distillation), so its features separate identities: the alignment targets.
 - ``classifier/``: the attribute classifier (``mpalign.toy.classifier``), the identity metric.
 
-The image encoders and the UNet never see the attribute combinations the toy benchmark holds out
+The image encoders, the UNet and FLUX never see the attribute combinations the toy benchmark holds out
 (``mpalign.sample_data.is_held_out``); the classifier sees all of them. ``metrics.json`` and the model card
 ``README.md`` record the command, the seed and what each model reached on held-out data.
 """
@@ -41,9 +46,12 @@ from mpalign.toy.world import ATTRIBUTES, crop_set, scene_set
 
 IMAGE_SIZE = 64
 CROP_SIZE = 64
-PARTS = ("vae", "clip", "unet", "dinov2", "classifier")  # in training order: the UNet reads the CLIP's text tower
-# Optimiser steps of each part at --scale 1 (under an hour on 2 CPU cores in all, the UNet half of it).
-STEPS = {"vae": 1500, "unet": 4000, "clip": 1200, "dinov2": 1000, "classifier": 1200}
+# in training order: the UNet and FLUX read the VAE's latents and the CLIP's text tower
+PARTS = ("vae", "clip", "unet", "flux", "dinov2", "classifier")
+# what must be retrained with a part: models trained on its outputs
+DEPENDENTS = {"vae": ("unet", "flux"), "clip": ("unet", "flux")}
+# Optimiser steps of each part at --scale 1 (about an hour on 2 CPU cores in all, the UNet half of it).
+STEPS = {"vae": 1500, "unet": 4000, "flux": 5000, "clip": 1200, "dinov2": 1000, "classifier": 1200}
 
 
 def log(message: str) -> None:
@@ -196,23 +204,121 @@ def train_unet(sdxl, images: np.ndarray, captions: list[str], steps: int, seed: 
     return unet.eval(), _loop("unet", steps, step)
 
 
-@torch.no_grad()
-def text_to_image_accuracy(sdxl_parts, classifier, count: int, seed: int, steps: int = 20) -> dict:
-    """Single-object captions naming every attribute ("a dotted blue ring on sand"), generated from the caption alone;
-    the classifier judges the whole picture (one object fills 55-90 % of it)."""
-    import random
+# --------------------------------------------------------------------------------------------------------------------
+# FLUX (text to image; the MOSAIC method's base model)
+# --------------------------------------------------------------------------------------------------------------------
 
-    from diffusers import StableDiffusionXLPipeline
+FLUX_TEXT_TOKENS = 32  # the T5 role's sequence length (FLUX.1-dev: 512; toy captions are under 20 tokens)
+
+
+def build_flux_text_encoder_2(width: int):
+    """The T5 role: FLUX's ``T5EncoderModel`` class, small, over the toy CLIP vocabulary (no T5 sentencepiece model
+    can be fetched offline)."""
+    from transformers import T5Config, T5EncoderModel
+
+    from mpalign.tokenizers import tiny_clip_tokenizer, tiny_clip_vocab_size
+
+    eos = tiny_clip_tokenizer().convert_tokens_to_ids("<|endoftext|>")
+    return T5EncoderModel(T5Config(vocab_size=tiny_clip_vocab_size(), d_model=width, d_kv=width // 4,
+                                   d_ff=2 * width, num_layers=2, num_heads=4, pad_token_id=eos, eos_token_id=eos))
+
+
+def toy_flux_transformer_config(vae, text_encoder, text_encoder_2) -> dict:
+    """The tiny preset's FLUX layout over the toy VAE's latents (2x2-packed: 4 x latent channels in) and the two
+    text encoders' widths; no guidance embedding (see the module docstring)."""
+    from mpalign.zoo import tiny_flux_transformer_config
+
+    return {**tiny_flux_transformer_config(), "in_channels": 4 * vae.config.latent_channels, "num_layers": 3,
+            "num_single_layers": 3, "num_attention_heads": 4, "guidance_embeds": False,
+            "joint_attention_dim": text_encoder_2.config.d_model,
+            "pooled_projection_dim": text_encoder.config.hidden_size}
+
+
+def flux_vae(vae):
+    """The toy VAE as FLUX's role loads it: FLUX normalises latents by ``(z - shift_factor) * scaling_factor``, and
+    the toy latents are centred already (shift 0)."""
+    from diffusers import AutoencoderKL
+
+    # without _use_default_values: from_config would drop every key it lists, shift_factor of a fresh VAE among them
+    config = {k: v for k, v in vae.config.items() if k != "_use_default_values"}
+    copy = AutoencoderKL.from_config({**config, "shift_factor": 0.0})
+    copy.load_state_dict(vae.state_dict())
+    return copy.to(next(vae.parameters()).dtype).eval().requires_grad_(False)
+
+
+def train_flux(sdxl, clip_text, images: np.ndarray, captions: list[str], steps: int, seed: int):
+    """Flow matching (``x_t = (1 - t) x_0 + t eps``, predict ``eps - x_0``, t logit-normal, as FLUX and
+    ``MosaicTrainingModule``) of a new transformer and T5 role on the VAE's packed latents; returns the parts of a
+    FLUX folder."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from mpalign.tokenizers import tiny_clip_tokenizer
+    from mpalign.zoo import FluxComponents, flux_scheduler_config
+
+    gen = _seed(seed)
+    vae = flux_vae(sdxl.vae)
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer(FLUX_TEXT_TOKENS)
+    with torch.no_grad():
+        pixels = _to_unit(images)
+        latents = torch.cat([vae.encode(pixels[i:i + 128]).latent_dist.mean for i in range(0, len(pixels), 128)])
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        b, c, h, w = latents.shape
+        packed = FluxPipeline._pack_latents(latents, b, c, h, w)
+        clip_ids = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt").input_ids
+        pooled = torch.cat([clip_text(clip_ids[i:i + 256]).pooler_output for i in range(0, len(clip_ids), 256)])
+    t5_ids = tokenizer_2(captions, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    text_encoder_2 = build_flux_text_encoder_2(clip_text.config.hidden_size)
+    transformer = FluxTransformer2DModel(**toy_flux_transformer_config(vae, clip_text, text_encoder_2))
+    image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
+    text_ids = torch.zeros(FLUX_TEXT_TOKENS, 3)
+    trained = [*transformer.parameters(), *text_encoder_2.parameters()]
+    opt, sched = _optimizer(trained, 1e-3, steps)
+    batch = 32
+
+    def step(_):
+        idx = _batches(len(packed), batch, gen)
+        x0 = packed[idx]
+        t = torch.sigmoid(torch.randn(batch, generator=gen))
+        noise = torch.randn(x0.shape, generator=gen)
+        noisy = (1.0 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        text = text_encoder_2(t5_ids[idx])[0]
+        pred = transformer(hidden_states=noisy, encoder_hidden_states=text, pooled_projections=pooled[idx],
+                           timestep=t, img_ids=image_ids, txt_ids=text_ids, return_dict=False)[0]
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+        sched.step()
+        return loss.item()
+
+    losses = _loop("flux", steps, step)
+    flux = FluxComponents(transformer.eval().requires_grad_(False), vae, clip_text,
+                          text_encoder_2.eval().requires_grad_(False), tokenizer, tokenizer_2,
+                          FlowMatchEulerDiscreteScheduler(**flux_scheduler_config()))
+    return flux, losses
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Text to image, judged by the classifier (the UNet and FLUX alike)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def text_to_image_accuracy(pipe, classifier, count: int, seed: int, steps: int = 20, **options) -> dict:
+    """Single-object captions naming every attribute ("a dotted blue ring on sand"), generated by ``pipe`` (a
+    diffusers text-to-image pipeline; ``options`` go to its call) from the caption alone; the classifier judges the
+    whole picture (one object fills 55-90 % of it)."""
+    import random
 
     from mpalign.config import SampleDataConfig
     from mpalign.toy.world import attribute_labels, random_scene
 
     rng, np_rng = random.Random(seed), np.random.default_rng(seed)
     scenes = [random_scene(rng, np_rng, IMAGE_SIZE, 1, SampleDataConfig()) for _ in range(count)]
-    pipe = StableDiffusionXLPipeline(**sdxl_parts.as_pipeline_kwargs())
     pipe.set_progress_bar_config(disable=True)
     images = pipe([s.caption for s in scenes], height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps,
-                  guidance_scale=4.0, output_type="np", generator=torch.Generator().manual_seed(seed)).images
+                  output_type="np", generator=torch.Generator().manual_seed(seed), **options).images
     predicted = attribute_classifier.predict(classifier, (images * 255).round().astype(np.uint8))
     labels = np.asarray([[*attribute_labels(s.objects[0]), 1] for s in scenes])
     return {k: round(v, 3) for k, v in attribute_classifier.attribute_accuracy(predicted, labels).items()}
@@ -289,22 +395,28 @@ def vision_tower(clip):
     loading it does not report the text tower's weights as unexpected)."""
     from transformers import CLIPVisionModelWithProjection
 
-    return _tower(clip, CLIPVisionModelWithProjection(clip.config.vision_config), ("vision_model", "visual_projection"))
+    return _tower(clip, CLIPVisionModelWithProjection(clip.config.vision_config),
+                  {"vision_model": "vision_model", "visual_projection": "visual_projection"})
 
 
-def text_tower(clip):
-    """The CLIP model's text tower with its projection: the toy SDXL's ``text_encoder_2``."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def text_tower(clip, projection: bool = True):
+    """The CLIP model's text tower: with its projection, the toy SDXL's ``text_encoder_2``; without
+    (``CLIPTextModel``, pooled output unprojected), the toy FLUX's ``text_encoder``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    if not projection:  # CLIPTextModel is the text transformer itself
+        return _tower(clip, CLIPTextModel(clip.config.text_config), {"text_model": ""})
     # the text config's own projection_dim is a default; the projection's real width is the CLIP model's
     config = CLIPTextConfig(**{**clip.config.text_config.to_dict(), "projection_dim": clip.config.projection_dim})
-    return _tower(clip, CLIPTextModelWithProjection(config), ("text_model", "text_projection"))
+    return _tower(clip, CLIPTextModelWithProjection(config),
+                  {"text_model": "text_model", "text_projection": "text_projection"})
 
 
-def _tower(clip, tower, submodules: tuple[str, str]):
+def _tower(clip, tower, submodules: dict[str, str]):
+    """``tower`` with the CLIP model's submodules copied in (CLIP name -> the tower's; "" = the tower itself)."""
     tower.float()  # a config read from saved weights names their float16: built in it, the copy would be rounded
-    for name in submodules:
-        getattr(tower, name).load_state_dict(getattr(clip, name).state_dict())
+    for name, tower_name in submodules.items():
+        tower.get_submodule(tower_name).load_state_dict(getattr(clip, name).state_dict())
     return tower.eval().requires_grad_(False)
 
 
@@ -393,18 +505,38 @@ def train_classifier(crops: np.ndarray, labels: np.ndarray, steps: int, seed: in
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _save_sdxl(out: Path, sdxl) -> None:
-    from diffusers import StableDiffusionXLPipeline
-
-    for module in (sdxl.unet, sdxl.vae, sdxl.text_encoder, sdxl.text_encoder_2):
+def _save_pipeline(pipeline_class, parts, modules, path: Path) -> None:
+    """A diffusers pipeline folder of ``parts`` (SDXL's or FLUX's), its ``modules`` stored in float16."""
+    for module in modules:
         module.to(torch.float16)  # half the bytes in the repo; loaders cast to the configured dtype
-    StableDiffusionXLPipeline(**sdxl.as_pipeline_kwargs()).save_pretrained(out / "sdxl", safe_serialization=True)
-    for config in (out / "sdxl").glob("*/config.json"):  # a part loaded from disk names this machine's folder
+    pipeline_class(**parts.as_pipeline_kwargs()).save_pretrained(path, safe_serialization=True)
+    for config in path.glob("*/config.json"):  # a part loaded from disk names this machine's folder
         values = json.loads(config.read_text())
         if values.pop("_name_or_path", None) is not None:
             config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-    for module in (sdxl.unet, sdxl.vae, sdxl.text_encoder, sdxl.text_encoder_2):
+    for module in modules:
         module.to(torch.float32)
+
+
+def _save_sdxl(out: Path, sdxl) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    _save_pipeline(StableDiffusionXLPipeline, sdxl, (sdxl.unet, sdxl.vae, sdxl.text_encoder, sdxl.text_encoder_2),
+                   out / "sdxl")
+
+
+def _save_flux(out: Path, flux) -> None:
+    from diffusers import FluxPipeline
+
+    _save_pipeline(FluxPipeline, flux, (flux.transformer, flux.vae, flux.text_encoder, flux.text_encoder_2),
+                   out / "flux")
+
+
+def _load_flux(out: Path):
+    from mpalign.config import ModelConfig
+    from mpalign.zoo import load_flux
+
+    return load_flux(ModelConfig(preset="toy", toy_weights=str(out), device="cpu"))
 
 
 def _save(model, processor, path: Path) -> None:
@@ -469,6 +601,12 @@ def pretrain(out: Path, parts: tuple[str, ...], scale: float, seed: int) -> dict
         sdxl.unet, metrics["unet"] = train_unet(sdxl, scenes, captions, steps["unet"], seed)
         metrics["unet"]["cpu_minutes"] = round((time.perf_counter() - t) / 60, 1)
         _save_sdxl(out, sdxl)
+    if "flux" in parts:
+        t = time.perf_counter()
+        flux, metrics["flux"] = train_flux(sdxl, text_tower(_load_clip(out), projection=False), scenes, captions,
+                                           steps["flux"], seed)
+        metrics["flux"]["cpu_minutes"] = round((time.perf_counter() - t) / 60, 1)
+        _save_flux(out, flux)
     if "dinov2" in parts:
         t = time.perf_counter()
         dino, processor, metrics["dinov2"] = train_dinov2(crops, labels, steps["dinov2"], seed)
@@ -493,10 +631,21 @@ def pretrain(out: Path, parts: tuple[str, ...], scale: float, seed: int) -> dict
         metrics["classifier"]["cpu_minutes"] = round((time.perf_counter() - t) / 60, 1)
         _save(model, None, out / "classifier")
         log(f"classifier: held-out accuracy {metrics['classifier']['held_out_accuracy']}")
-    if "unet" in parts or "classifier" in parts:
+    judged = [part for part in ("unet", "flux") if part in parts or "classifier" in parts]
+    if judged:
+        from diffusers import FluxPipeline, StableDiffusionXLPipeline
+
         classifier = attribute_classifier.load_classifier(out / "classifier")
-        metrics["unet_text_to_image"] = text_to_image_accuracy(_load_sdxl(out), classifier, count(128), seed + 7)
+    if "unet" in judged:
+        pipe = StableDiffusionXLPipeline(**_load_sdxl(out).as_pipeline_kwargs())
+        metrics["unet_text_to_image"] = text_to_image_accuracy(pipe, classifier, count(128), seed + 7,
+                                                               guidance_scale=4.0)
         log(f"unet: single-object text-to-image attribute accuracy {metrics['unet_text_to_image']}")
+    if "flux" in judged and (out / "flux").is_dir():
+        pipe = FluxPipeline(**_load_flux(out).as_pipeline_kwargs())
+        metrics["flux_text_to_image"] = text_to_image_accuracy(pipe, classifier, count(128), seed + 7,
+                                                               max_sequence_length=FLUX_TEXT_TOKENS)
+        log(f"flux: single-object text-to-image attribute accuracy {metrics['flux_text_to_image']}")
     # the command that rebuilds every part; a run of some parts (--parts) keeps the others' earlier weights
     options = [*([f"--seed {seed}"] if seed else []), *([f"--scale {scale}"] if scale != 1.0 else [])]
     metrics["command"] = " ".join(["python -m mpalign.toy.pretrain", *options])
@@ -523,10 +672,12 @@ def write_model_card(out: Path, metrics: dict) -> None:
         "",
         f"Seed {metrics['seed']}, step scale {metrics['scale']}, trained on {metrics['machine']}; the last run trained",
         f"{', '.join(metrics['last_run_parts'])} (each part's figures below are from the run that trained it; the UNet reads the",
-        "CLIP's text tower, so a new CLIP or VAE means a new UNet). The image encoders and",
-        "the UNet never saw the attribute combinations the toy benchmark holds out; the classifier (the judge) saw all.",
+        "CLIP's text tower, so a new CLIP or VAE means a new UNet and FLUX). The image encoders,",
+        "the UNet and FLUX never saw the attribute combinations the toy benchmark holds out; the classifier (the judge) saw all.",
         "Folders: `sdxl/` (diffusers layout; `text_encoder_2` is the CLIP's text tower with projection, `text_encoder`",
-        "the tiny preset's random one), `clip/` (`CLIPModel`), `image_encoder/` (its vision tower with projection),",
+        "the tiny preset's random one), `flux/` (diffusers FLUX layout, the MOSAIC method's base model: the same VAE,",
+        "`text_encoder` the CLIP's text tower, `text_encoder_2` a small T5 trained with the transformer, no guidance",
+        "embedding), `clip/` (`CLIPModel`), `image_encoder/` (its vision tower with projection),",
         "`dinov2/`, `classifier/` (`ResNetForImageClassification`, four heads: shape, colour, texture, object present).",
         "",
         "| model | what it reached (held-out data) | minutes (wall, 2 shared cores) |",
@@ -535,6 +686,7 @@ def write_model_card(out: Path, metrics: dict) -> None:
     rows = {
         "vae": lambda m: f"PSNR {m['psnr_db_held_out']} dB, latent scaling factor {m['scaling_factor']:.4f}",
         "unet": lambda m: f"final noise-prediction loss {m['final_loss']}",
+        "flux": lambda m: f"final flow-matching loss {m['final_loss']}",
         "clip": lambda m: f"nearest-neighbour attribute accuracy {m['nn_attribute_accuracy']}",
         "dinov2": lambda m: f"nearest-neighbour attribute accuracy (CLS) {m['nn_attribute_accuracy']}",
         "classifier": lambda m: f"accuracy {m['held_out_accuracy']}",
@@ -543,8 +695,10 @@ def write_model_card(out: Path, metrics: dict) -> None:
         if part in metrics:
             card.append(f"| {part} | {describe(metrics[part])} | {metrics[part].get('cpu_minutes', '')} |")
     if "unet_text_to_image" in metrics:
-        card += ["", "Text to image from captions alone (single object, every attribute named, 20 steps, guidance 4),",
-                 f"judged by the classifier: {metrics['unet_text_to_image']}."]
+        card += ["", "Text to image from captions alone (single object, every attribute named, 20 steps), judged by the",
+                 f"classifier: UNet (guidance 4) {metrics['unet_text_to_image']}"
+                 + (f"; FLUX (no guidance) {metrics['flux_text_to_image']}." if "flux_text_to_image" in metrics
+                    else ".")]
     (out / "README.md").write_text("\n".join(card) + "\n")
 
 
@@ -560,9 +714,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not parts:
         print(f"error: unknown part(s) {unknown or '(none)'}; choose from {', '.join(PARTS)}", file=sys.stderr)
         return 2
-    for changed, reason in (("vae", "its latents change"), ("clip", "it reads the CLIP's text tower")):
-        if changed in parts and "unet" not in parts:
-            print(f"error: a new {changed.upper()} needs a new UNet ({reason}): add 'unet' to --parts", file=sys.stderr)
+    for changed, dependents in DEPENDENTS.items():
+        missing = [d for d in dependents if changed in parts and d not in parts]
+        if missing:
+            reason = "their latents change" if changed == "vae" else "they read the CLIP's text tower"
+            print(f"error: a new {changed.upper()} needs a new {' and '.join(missing)} ({reason}): add "
+                  f"{','.join(missing)} to --parts", file=sys.stderr)
             return 2
     if args.scale <= 0:
         print("error: --scale must be positive", file=sys.stderr)
