@@ -300,6 +300,22 @@ def test_output_of_another_input_is_refused_without_overwrite(built, tmp_path):
         build_dataset(built["cfg"], input=str(other), output=str(built["out"]), log=lambda _: None)
 
 
+def test_resuming_is_refused_when_the_encoders_the_rows_came_from_change(built):
+    """The toy weights are encoders too; FLUX only matters to rows with correspondences (its token grid)."""
+    import dataclasses
+
+    cfg = built["cfg"]
+    for model in (dataclasses.replace(cfg.model, toy_weights="other-toy-weights"),
+                  dataclasses.replace(cfg.model, sdxl="other-sdxl")):
+        with pytest.raises(Exception, match="--overwrite"):
+            build_dataset(dataclasses.replace(cfg, model=model), input=str(built["input"]),
+                          output=str(built["out"]), log=lambda _: None)
+    assert not cfg.data.correspondences
+    other_flux = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, flux="other-flux"))
+    again = build_dataset(other_flux, input=str(built["input"]), output=str(built["out"]), log=lambda _: None)
+    assert again["shards"]["built_now"] == 0  # every shard kept
+
+
 def test_cli_reports_user_mistakes_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "pipelines" / "build_dataset.py"), "--input",
                            str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "out")],

@@ -52,8 +52,10 @@ MANIFEST_VERSION = 1
 # Where and how to build, not what: changing these between runs keeps the finished shards.
 NOT_ROW_DATA_SETTINGS = ("path", "input", "sample", "stage_layout", "chain", "stages", "shard_writers")
 # The model settings rows depend on (the frozen encoders); adapter sizes or the device may change between runs.
-ROW_MODEL_SETTINGS = ("preset", "dtype", "seed", "sdxl", "image_encoder", "image_encoder_subfolder", "dinov2",
-                      "grounding_dino", "sam", "spacy")
+ROW_MODEL_SETTINGS = ("preset", "toy_weights", "dtype", "seed", "sdxl", "image_encoder", "image_encoder_subfolder",
+                      "dinov2", "grounding_dino", "sam", "spacy")
+# ... and with data.correspondences, the FLUX whose token grid the correspondence indices are on
+CORRESPONDENCE_MODEL_SETTINGS = ("flux",)
 
 
 def shard_name(index: int) -> str:
@@ -403,7 +405,9 @@ def build_dataset(cfg: Config, input: str | None = None, output: str | None = No
         raise ConfigError(f"input '{input_path}' holds no records")
     shards = assign_shards(records, cfg.data.rows_per_shard)
     settings_key = {"data": {k: v for k, v in vars(cfg.data).items() if k not in NOT_ROW_DATA_SETTINGS},
-                    "model": {k: getattr(cfg.model, k) for k in ROW_MODEL_SETTINGS}, "version": MANIFEST_VERSION}
+                    "model": {k: getattr(cfg.model, k) for k in ROW_MODEL_SETTINGS
+                              + (CORRESPONDENCE_MODEL_SETTINGS if cfg.data.correspondences else ())},
+                    "version": MANIFEST_VERSION}
     manifest = {"input": str(input_path), "records": len(records), "shards": len(shards),
                 "fingerprint": fingerprint(records, settings_key)}
     _check_manifest(out, manifest, overwrite)

@@ -35,7 +35,7 @@ def flux_tokenizers(cfg: ModelConfig) -> tuple[Any, Any]:
     """FLUX's two tokenizers, loaded once per process."""
     from mpalign.zoo import load_flux_tokenizers
 
-    key = (cfg.preset, cfg.flux)
+    key = (cfg.preset, cfg.flux, cfg.toy_weights)
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = load_flux_tokenizers(cfg)
     return _TOKENIZERS[key]
