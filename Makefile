@@ -30,13 +30,12 @@ $(VENV)/.installed: pyproject.toml
 # mpalign/toy/weights), each step the command a user would run: zoo check, dataset build (procedural images + frame
 # pairs, captions that name only each object's kind), training, generation from two held-out references (with a
 # sheet: references | layout | image), a sweep ranked by identity (colour), evaluation on the toy benchmark. Then MOSAIC
-# (model.method=mosaic, docs/mosaic.md) on the tiny FLUX preset (the toy world has no FLUX weights): a small dataset
-# with correspondences, a few training steps of its reference LoRA with SCAL and MDL, one image from the same two
-# references, evaluation on two toy-benchmark prompts.
+# (model.method=mosaic, docs/mosaic.md) on the toy FLUX: a small dataset with correspondences, a short training of its
+# reference LoRA with SCAL and MDL, one image from the same two references, evaluation on the toy benchmark.
 # The commands are not echoed (@): each prints what it does, and the whole demo stays under 100 console lines
 # (issue 14); `make -n demo` lists them.
 TOY = --config configs/toy.yaml
-MOSAIC = --config configs/tiny-mosaic.yaml
+MOSAIC = --config configs/toy-mosaic.yaml
 demo: install
 	@$(PY) -m mpalign.zoo_summary $(TOY)
 	@$(PY) pipelines/build_dataset.py $(TOY) --output $(DEMO_OUT)/dataset
@@ -49,15 +48,16 @@ demo: install
 	@$(PY) tune/sweep_alpha.py $(TOY) --overwrite --set data.path=$(DEMO_OUT)/dataset --set tune.output_dir=$(DEMO_OUT)/tune \
 	  --set train.max_steps=200 --set train.warmup_steps=100 --set train.val_every=100
 	@$(PY) -m mpalign.evaluate $(TOY) --benchmark toy --adapter $(DEMO_OUT)/train/adapter --out $(DEMO_OUT)/eval --limit 16
-	@echo "MOSAIC (model.method=mosaic) on the tiny FLUX preset:"
+	@echo "MOSAIC (model.method=mosaic) on the toy FLUX:"
 	@$(PY) pipelines/build_dataset.py $(MOSAIC) --output $(DEMO_OUT)/mosaic/dataset \
-	  --set data.sample.num_images=8 --set data.sample.num_videos=2
+	  --set data.sample.num_images=400 --set data.sample.num_videos=50
 	@$(PY) -m mpalign.train $(MOSAIC) --overwrite --set data.path=$(DEMO_OUT)/mosaic/dataset \
-	  --set train.output_dir=$(DEMO_OUT)/mosaic/train --set train.max_steps=10 --set train.warmup_steps=2 --set train.log_every=10
+	  --set train.output_dir=$(DEMO_OUT)/mosaic/train --set train.max_steps=500 --set train.warmup_steps=250 \
+	  --set train.val_every=500 --set train.log_every=500
 	@$(PY) -m mpalign.generate $(MOSAIC) --adapter $(DEMO_OUT)/mosaic/train/adapter --out $(DEMO_OUT)/mosaic/generated.png \
-	  --prompt "a ball and a ring on grass" --steps 4 --height 64 --width 64 --guidance-scale 3.5 \
+	  --prompt "a ball and a ring on grass" --steps 20 \
 	  --subject $(DEMO_OUT)/references/ball.png --phrase ball --subject $(DEMO_OUT)/references/ring.png --phrase ring
-	@$(PY) -m mpalign.evaluate $(MOSAIC) --benchmark toy --adapter $(DEMO_OUT)/mosaic/train/adapter --out $(DEMO_OUT)/mosaic/eval --limit 2
+	@$(PY) -m mpalign.evaluate $(MOSAIC) --benchmark toy --adapter $(DEMO_OUT)/mosaic/train/adapter --out $(DEMO_OUT)/mosaic/eval --limit 16
 	@echo "demo finished: dataset, adapter, $(DEMO_OUT)/generated.sheet.png, sweep and report under $(DEMO_OUT); MOSAIC's under $(DEMO_OUT)/mosaic"
 
 test: install

@@ -10,6 +10,11 @@ box, and do MultiPersona-Align's alignment losses help? One command, in the toy 
    generation seeds);
 4. writes ``results.csv`` (one row per condition and seed), ``summary.md`` (mean ± std over seeds) and
    ``identity.png`` under ``--out``.
+
+With ``--config configs/toy-mosaic.yaml`` (``model.method: mosaic``) the same for MOSAIC's reference LoRA on the toy
+FLUX: ``flow only`` (``alpha = beta = 0``) against ``SCAL+MDL`` (``train.alpha`` after the warm-up, ``train.beta``),
+beside ``untrained`` (a zero LoRA: the frozen FLUX with the references in its attention). MOSAIC has no text-only
+switch, so no text-only row.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from mpalign.toy.benchmark import IDENTITY_METRICS
 log = logging.getLogger("mpalign.toy.experiment")
 
 CONDITIONS = ("text-only", "untrained", "trained, alpha=0", "trained, curriculum")
+MOSAIC_CONDITIONS = ("untrained", "trained, flow only", "trained, SCAL+MDL")
 SHOWN = (*IDENTITY_METRICS, *METRICS)
 
 
@@ -41,11 +47,19 @@ def _with(cfg: Config, **sections: dict) -> Config:
                                        for name, fields in sections.items()})
 
 
+def conditions(cfg: Config) -> tuple[str, ...]:
+    """The method's conditions, baselines first; the last two are trained without and with its alignment losses."""
+    return MOSAIC_CONDITIONS if cfg.model.method == "mosaic" else CONDITIONS
+
+
 def training_config(cfg: Config, condition: str, seed: int, out: Path) -> Config:
-    alpha = 0.0 if condition == "trained, alpha=0" else cfg.train.alpha
-    name = "alpha0" if alpha == 0.0 else "curriculum"
+    off, on = conditions(cfg)[-2:]
+    if condition not in (off, on):
+        raise ValueError(f"'{condition}' is not a trained condition of model.method={cfg.model.method}")
+    losses = {"alpha": 0.0, "beta": 0.0} if condition == off else {}
+    name = "no-alignment" if condition == off else "alignment"
     return _with(cfg, model={"seed": seed},
-                 train={"seed": seed, "alpha": alpha, "output_dir": str(out / "train" / f"{name}-seed{seed}"),
+                 train={"seed": seed, **losses, "output_dir": str(out / "train" / f"{name}-seed{seed}"),
                         "val_every": 0, "checkpoint_every": cfg.train.max_steps})
 
 
@@ -54,7 +68,7 @@ def train_adapters(cfg: Config, seeds: Sequence[int], out: Path) -> tuple[dict[t
 
     adapters, seconds = {}, {}
     for seed in seeds:
-        for condition in CONDITIONS[2:]:
+        for condition in conditions(cfg)[-2:]:
             run_cfg = training_config(cfg, condition, seed, out)
             started = time.perf_counter()
             outcome = run_training(run_cfg, overwrite=True)
@@ -72,8 +86,9 @@ def evaluate_all(cfg: Config, adapters: dict[tuple[str, int], str], seeds: Seque
     eval_cfg = _with(cfg, eval={"benchmark": "toy", "output_dir": str(out / "eval")})
     samples = load_benchmark(eval_cfg.eval)
     frames = []
-    runs = [("text-only", seed, _with(eval_cfg, model={"scale": 0.0}), None, [seed]) for seed in seeds[:1]]
-    runs[0] = (*runs[0][:4], list(seeds))  # text-only: one model, the seeds are generation seeds
+    # text-only: one model, the seeds are generation seeds
+    runs = ([("text-only", seeds[0], _with(eval_cfg, model={"scale": 0.0}), None, list(seeds))]
+            if "text-only" in conditions(cfg) else [])
     runs += [("untrained", seed, _with(eval_cfg, model={"seed": seed}), None, [0]) for seed in seeds]
     runs += [(condition, seed, eval_cfg, folder, [0]) for (condition, seed), folder in adapters.items()]
     for condition, seed, run_cfg, folder, gen_seeds in runs:
@@ -91,7 +106,7 @@ def summarize(scores: pd.DataFrame, seconds: dict) -> tuple[pd.DataFrame, pd.Dat
     """(per condition and seed: metric means and training seconds; per condition: mean and std over seeds)."""
     per_seed = scores.groupby(["condition", "run_seed"])[list(SHOWN)].mean().reset_index()
     per_seed["train_seconds"] = [seconds.get((c, s), 0.0) for c, s in zip(per_seed["condition"], per_seed["run_seed"])]
-    order = {c: i for i, c in enumerate(CONDITIONS)}
+    order = {c: i for i, c in enumerate(dict.fromkeys(CONDITIONS + MOSAIC_CONDITIONS))}
     per_seed = per_seed.sort_values(["condition", "run_seed"], key=lambda col: col.map(order) if col.name ==
                                     "condition" else col).reset_index(drop=True)
     summary = per_seed.groupby("condition", sort=False)[[*SHOWN, "train_seconds"]].agg(["mean", "std"])
