@@ -45,8 +45,7 @@ class MosaicPipeline:
             parameter.requires_grad_(False)
         self.adapter = adapter
         self.pipe = FluxPipeline(**flux.as_pipeline_kwargs())
-        # pixels per image token: the VAE's down-sampling times the 2x2 packing (zoo.flux_token_pixels)
-        self.token_pixels = 2 * self.pipe.vae_scale_factor
+        self.token_pixels = zoo.token_pixels(flux.vae.config)
         self.reference_size = max(self.token_pixels, reference_size // self.token_pixels * self.token_pixels)
         self.pipe.set_progress_bar_config(disable=True)
 

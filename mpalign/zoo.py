@@ -6,8 +6,9 @@ spaCy pipeline. With ``model.preset: pretrained`` each loader calls ``from_pretr
 config (``local_files_only`` when ``HF_HUB_OFFLINE=1``). With ``model.preset: toy`` the same calls read the project's
 trained toy weights (``mpalign/toy/weights`` or ``model.toy_weights``; roles it does not train stay tiny). With
 ``model.preset: tiny`` each role is built from a small config with fixed seeds: same classes, same structure (the
-tiny UNet keeps SDXL's text_time conditioning, cross-attention down blocks, mid block and up blocks), random weights. ``save_tiny_zoo`` writes the tiny preset in the
-layout real checkpoints use, so tests load it back through the very ``from_pretrained`` path users take.
+tiny UNet keeps SDXL's text_time conditioning, cross-attention down blocks, mid block and up blocks), random weights.
+``save_tiny_zoo`` writes the tiny preset in the layout real checkpoints use, so tests load it back through the very
+``from_pretrained`` path users take.
 """
 
 from __future__ import annotations
@@ -346,19 +347,23 @@ def load_flux_tokenizers(cfg: ModelConfig) -> tuple[Any, Any]:
             _pretrained(AutoTokenizer, name, "FLUX T5 tokenizer", subfolder="tokenizer_2"))
 
 
+def token_pixels(vae_config: Any) -> int:
+    """Pixels per side of one FLUX image token for a VAE of this config: its down-sampling (2 per encoder block after
+    the first, as ``FluxPipeline.vae_scale_factor``) times the transformer's 2x2 packing. FLUX.1-dev and the tiny
+    preset: 16; the toy preset (4x VAE): 8."""
+    return 2 * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def flux_token_pixels(cfg: ModelConfig) -> int:
-    """Pixels per side of one FLUX image token: the VAE's down-sampling (2 per encoder block after the first, as
-    ``FluxPipeline.vae_scale_factor``) times the transformer's 2x2 packing. FLUX.1-dev and the tiny preset: 16; the
-    toy preset (4x VAE): 8. Reads the VAE's config only, for the data stage that maps points to tokens."""
+    """:func:`token_pixels` of the configured FLUX, from its VAE's config alone (for the data stage that maps points
+    to tokens without loading the model)."""
     _check_preset(cfg)
     if cfg.preset == "tiny":
-        blocks = len(TINY_FLUX_VAE_CONFIG["block_out_channels"])
-    else:
-        from diffusers import AutoencoderKL
+        return token_pixels(TINY_FLUX_VAE_CONFIG)
+    from diffusers import AutoencoderKL
 
-        blocks = len(_load(AutoencoderKL.load_config, _source(cfg, "flux", cfg.flux), "FLUX VAE config",
-                           subfolder="vae")["block_out_channels"])
-    return 2 * 2 ** (blocks - 1)
+    return token_pixels(_load(AutoencoderKL.load_config, _source(cfg, "flux", cfg.flux), "FLUX VAE config",
+                              subfolder="vae"))
 
 
 def load_flux(cfg: ModelConfig, dtype: str | torch.dtype | None = None, device: str | None = None) -> FluxComponents:

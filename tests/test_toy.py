@@ -53,6 +53,10 @@ def test_shipped_toy_flux_loads_as_diffusers_flux_on_the_toy_vae():
     assert flux.transformer.config.in_channels == 4 * vae.config.latent_channels  # 2x2 latent patches
     # a FLUX token covers 2x2 latents: 8 pixels on the toy VAE (2 downsamplings), 16 on the tiny preset's
     assert flux_token_pixels(TOY) == 8 and flux_token_pixels(ModelConfig(preset="tiny", device="cpu")) == 16
+    from diffusers import FluxPipeline
+
+    # the one formula agrees with diffusers' own pipeline on the loaded VAE
+    assert flux_token_pixels(TOY) == 2 * FluxPipeline(**flux.as_pipeline_kwargs()).vae_scale_factor
 
 
 def test_attribute_classifier_is_exact_on_held_out_crops():
