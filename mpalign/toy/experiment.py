@@ -178,7 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"building the toy dataset in {cfg.data.path}")
         build_dataset(cfg)
-    start_ray(include_dashboard=False)
+    # with the dashboard, as mpalign.train starts Ray: Ray Train's placement-group cleaner asks the state API
+    # (served by it) whether the controller lives, and without it warns on every check (100+ lines a run)
+    start_ray()
     adapters, seconds = train_adapters(cfg, seeds, out)
     scores = evaluate_all(cfg, adapters, seeds, out)
     scores.drop(columns=[c for c in scores.columns if c.endswith("_per_subject")]).to_csv(out / "scores.csv",
