@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpalign.cli import run_cli
+from mpalign.cli import UserInputError, run_cli
 from mpalign.toy import WEIGHTS_DIR
 from mpalign.toy import classifier as attribute_classifier
 from mpalign.toy.world import ATTRIBUTES, crop_set, scene_set
@@ -714,18 +714,15 @@ def main(argv: list[str] | None = None) -> int:
     parts = tuple(p for p in args.parts.split(",") if p)
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
-        print(f"error: unknown part(s) {unknown or '(none)'}; choose from {', '.join(PARTS)}", file=sys.stderr)
-        return 2
+        raise UserInputError(f"unknown part(s) {unknown or '(none)'}; choose from {', '.join(PARTS)}")
     for changed, dependents in DEPENDENTS.items():
         missing = [d for d in dependents if changed in parts and d not in parts]
         if missing:
             reason = "their latents change" if changed == "vae" else "they read the CLIP's text tower"
-            print(f"error: a new {changed.upper()} needs a new {' and '.join(missing)} ({reason}): add "
-                  f"{','.join(missing)} to --parts", file=sys.stderr)
-            return 2
+            raise UserInputError(f"a new {changed.upper()} needs a new {' and '.join(missing)} ({reason}): add "
+                                 f"{','.join(missing)} to --parts")
     if args.scale <= 0:
-        print("error: --scale must be positive", file=sys.stderr)
-        return 2
+        raise UserInputError("--scale must be positive")
     pretrain(Path(args.out), parts, args.scale, args.seed)
     return 0
 
