@@ -225,3 +225,22 @@ def test_experiment_trains_each_method_without_and_with_its_alignment_losses(tmp
     assert without.output_dir != with_losses.output_dir
     with pytest.raises(ValueError):
         training_config(cfg, "untrained", 1, tmp_path)
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_experiment_table_shows_mean_and_std_over_seeds_and_the_mean_alone_for_one(seeds):
+    import pandas as pd
+
+    from mpalign.toy.experiment import SHOWN, markdown_table, summarize
+
+    scores = pd.DataFrame([{"condition": c, "run_seed": s, **{m: 0.25 * (s + 1) for m in SHOWN}}
+                           for c in ("untrained", "trained, alpha=0") for s in range(seeds) for _ in range(2)])
+    _, summary = summarize(scores, {("trained, alpha=0", s): 30.0 for s in range(seeds)})
+    table = markdown_table(summary, seeds)
+    untrained_row = next(line for line in table.splitlines() if line.startswith("| untrained |"))
+    assert "nan" not in table
+    if seeds == 1:
+        assert "±" not in untrained_row and "0.250 |" in untrained_row and "One seed" in table
+    else:  # seeds 0, 1 score 0.25, 0.50: mean 0.375, sample std 0.177
+        assert "0.375 ± 0.177" in untrained_row and "over 2 seeds" in table
+    assert next(line for line in table.splitlines() if line.startswith("| trained, alpha=0 |")).endswith("| 30 |")

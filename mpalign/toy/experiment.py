@@ -117,11 +117,13 @@ def markdown_table(summary: pd.DataFrame, seeds: int) -> str:
     head = "| condition | " + " | ".join(METRIC_NAMES[m] for m in SHOWN) + " | training (s) |"
     lines = [head, "|" + "---|" * (len(SHOWN) + 2)]
     for condition, row in summary.iterrows():
-        cells = [f"{row[(m, 'mean')]:.3f} ± {row[(m, 'std')]:.3f}" for m in SHOWN]
+        # one seed has no standard deviation (pandas gives NaN): the mean alone
+        cells = [f"{row[(m, 'mean')]:.3f}" + (f" ± {row[(m, 'std')]:.3f}" if seeds > 1 else "") for m in SHOWN]
         train = row[("train_seconds", "mean")]
         lines.append(f"| {condition} | " + " | ".join(cells) + f" | {train:.0f} |" if train else
                      f"| {condition} | " + " | ".join(cells) + " | - |")
-    return "\n".join(lines) + f"\n\nMean ± standard deviation over {seeds} seeds.\n"
+    spread = f"Mean ± standard deviation over {seeds} seeds." if seeds > 1 else "One seed: no standard deviation."
+    return "\n".join(lines) + f"\n\n{spread}\n"
 
 
 def plot(per_seed: pd.DataFrame, path: Path) -> Path:
