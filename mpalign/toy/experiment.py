@@ -120,8 +120,7 @@ def markdown_table(summary: pd.DataFrame, seeds: int) -> str:
         # one seed has no standard deviation (pandas gives NaN): the mean alone
         cells = [f"{row[(m, 'mean')]:.3f}" + (f" ± {row[(m, 'std')]:.3f}" if seeds > 1 else "") for m in SHOWN]
         train = row[("train_seconds", "mean")]
-        lines.append(f"| {condition} | " + " | ".join(cells) + f" | {train:.0f} |" if train else
-                     f"| {condition} | " + " | ".join(cells) + " | - |")
+        lines.append(f"| {condition} | " + " | ".join([*cells, f"{train:.0f}" if train else "-"]) + " |")
     spread = f"Mean ± standard deviation over {seeds} seeds." if seeds > 1 else "One seed: no standard deviation."
     return "\n".join(lines) + f"\n\n{spread}\n"
 
